@@ -1,0 +1,185 @@
+"""The `hyprjax` command: info, generate, chat.
+
+Bad input (files, configs, flags, prompts) ends with one line on stderr and exit code 2, never
+a traceback; `--debug` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import HyprjaxError
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="a HF model directory, a .gguf file, or a hub id "
+                   "(org/name or org/name:file.gguf; needs a network)")
+    p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length in tokens (prompt + output); default: the model's own")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy; higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p(best) (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide logits of tokens already in prompt or output (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
+    g.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable; not included in the output)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyprjax", description="A pure-JAX LLM runtime for Qwen-family models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="show a model's config, tensors and tokenizer without loading weights")
+    p.add_argument("model", nargs="?", help="a HF model directory or a .gguf file")
+    p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+    p = sub.add_parser("generate", help="complete a prompt and print the text")
+    _add_model_args(p)
+    p.add_argument("--prompt", "-p", action="append", required=True,
+                   help="the prompt (repeat for a batch of prompts, generated together)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--no-think", action="store_true", help="with --chat: Qwen3 enable_thinking=False")
+    p.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr")
+    _add_sampling_args(p, max_tokens=128)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal, streamed (/reset, /exit)")
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="a system message to start the conversation")
+    p.add_argument("--no-think", action="store_true", help="Qwen3 enable_thinking=False")
+    _add_sampling_args(p, max_tokens=1024)
+    return parser
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def _model_arg(args) -> str:
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise HyprjaxError(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+    model = args.model or args.model_flag
+    if model:
+        return model
+    from .default_model import default_model_path
+
+    return str(default_model_path())
+
+
+def _load(args):
+    from .llm import LLM
+
+    print(f"loading {_model_arg(args)} ...", file=sys.stderr)
+    return LLM(_model_arg(args), dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+def cmd_info(args) -> int:
+    from .info import model_info
+
+    info = model_info(_model_arg(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    stream = len(args.prompt) == 1
+    write = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+    start = time.perf_counter()
+    if args.chat:
+        convs = [[{"role": "user", "content": p}] for p in args.prompt]
+        out = llm.chat(convs, params, enable_thinking=False if args.no_think else None, on_text=write)
+    else:
+        out = llm.generate(args.prompt, params, on_text=write)
+    elapsed = time.perf_counter() - start
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for i, c in enumerate(out):
+            print(f"--- [{i}] {args.prompt[i]!r} ({c.finish_reason})\n{c.text}")
+    if args.stats:
+        n = sum(len(c.token_ids) for c in out)
+        print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s, compile included)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    if not llm.tokenizer.has_chat_template:
+        raise HyprjaxError(f"{llm.path}: this model has no chat template; use `hyprjax generate` instead")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = llm.chat(history, params, enable_thinking=False if args.no_think else None,
+                             on_text=lambda i, text: (sys.stdout.write(text), sys.stdout.flush()))
+        except HyprjaxError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+            history.pop()
+            print(f"\nhyprjax: {e}", file=sys.stderr)
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply.text})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (HyprjaxError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"hyprjax: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Load a model (config, weights, tokenizer) from a HF SafeTensors directory or a GGUF file.
+
+Both formats walk the same name table (`names.tensor_table`). Each tensor is read, checked,
+converted to the target dtype and placed on the device one at a time, so peak host memory is
+the final parameters plus one tensor in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..model import Model, abstract_model
+from .gguf_read import GGUFFile
+from .names import TensorSpec, tensor_table
+from .resolve import resolve_model
+from .safetensors_io import SafeTensorsDir
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    model: Model
+    tokenizer: object  # hyprjax.tokenizer.Tokenizer, or None when the source has none
+    path: Path
+    format: str  # "safetensors" | "gguf"
+
+
+def read_config(path: Path) -> tuple[ModelConfig, object]:
+    """(config, opened weights source) for a resolved local path."""
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{cfg_file}: invalid JSON ({e})") from None
+        return ModelConfig.from_hf(raw), SafeTensorsDir(path)
+    if path.suffix != ".gguf":
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelFileError(f"{path}: not a model: expected a HF directory or a .gguf file")
+    gf = GGUFFile(path)
+    if "token_embd.weight" not in gf:
+        raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
+    vocab = gf.shape("token_embd.weight")[0]
+    return ModelConfig.from_gguf(gf.metadata, vocab_size=vocab, tied="output.weight" not in gf), gf
+
+
+def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = True,
+               with_tokenizer: bool = True) -> LoadedModel:
+    """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`."""
+    path = resolve_model(source)
+    cfg, weights = read_config(path)
+    dtype = jnp.dtype(dtype)
+    model = load_weights(cfg, weights, dtype, progress=progress)
+    tokenizer = _load_tokenizer(path, weights) if with_tokenizer else None
+    return LoadedModel(cfg, model, tokenizer, path, "gguf" if isinstance(weights, GGUFFile) else "safetensors")
+
+
+def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> Model:
+    """Fill the model's parameters from an opened SafeTensorsDir or GGUFFile."""
+    is_gguf = isinstance(weights, GGUFFile)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    pure = nnx.to_pure_dict(state)
+    specs = tensor_table(cfg)
+    total = sum(int(np.prod(s.shape)) for s in specs) * dtype.itemsize
+    desc = f"loading {getattr(weights, 'path', '')}".strip()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
+        for spec in specs:
+            array = _read_tensor(spec, weights, cfg, is_gguf, dtype)
+            _set(pure, spec.path, jax.device_put(array))
+            del array
+            bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype) -> np.ndarray:
+    name = spec.gguf if is_gguf else spec.hf
+    where = weights.path if is_gguf else None
+    if name not in weights:
+        raise ModelFileError(f"{where or 'model directory'}: missing tensor {name!r}")
+    file_shape = tuple(reversed(spec.shape)) if spec.transpose else spec.shape
+    got = weights.shape(name)
+    if got != file_shape:
+        place = where or weights.where(name)
+        raise ModelFileError(f"{place}: tensor {name!r} has shape {list(got)}, expected {list(file_shape)} "
+                             f"for this config")
+    array = weights.get(name)
+    if not is_gguf and spec.norm and cfg.arch == "gemma3":
+        array = array.astype(np.float32) + 1.0  # HF Gemma stores w - 1; GGUF folds the 1 in, so do we
+    if spec.transpose:
+        array = array.T
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _load_tokenizer(path: Path, weights):
+    from ..tokenizer import Tokenizer
+
+    if isinstance(weights, GGUFFile):
+        return Tokenizer.from_gguf_metadata(weights.metadata)
+    return Tokenizer.from_hf_dir(path)

@@ -1,0 +1,96 @@
+"""`hyprjax.LLM`: load a model once, then generate or chat from Python."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import jax
+
+from .errors import HyprjaxError
+from .formats.load import load_model
+from .generate import Completion, Generator
+from .sampling import SamplingParams
+
+log = logging.getLogger("hyprjax")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> float32 on CPU (XLA:CPU streams only f32 weights at full speed), bfloat16 elsewhere."""
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        log.info("dtype auto -> %s on %s", dtype, jax.default_backend())
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise HyprjaxError(f"dtype {dtype!r} is not supported (auto, float32, bfloat16, float16)")
+    return dtype
+
+
+class LLM:
+    """A loaded model with its tokenizer and a compiled generator.
+
+    >>> llm = LLM("path/to/model", dtype="float32")
+    >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0.0))
+    """
+
+    def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
+                 decode_chunk: int = 16, max_batch: int = 32, progress: bool = True):
+        loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress)
+        self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
+        self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
+                                   decode_chunk=decode_chunk, max_batch=max_batch)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.generator.max_model_len
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise HyprjaxError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
+        return ids
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Complete each prompt (text or token ids). `params` is one for all or one per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.encode(p) for p in prompts]
+        params = _per_prompt(params, len(ids))
+        out = self.generator.generate(ids, params, on_text=on_text)
+        for c, p in zip(out, prompts):
+            c.prompt = p if isinstance(p, str) else None
+        return out
+
+    def render_chat(self, messages: list[dict], *, enable_thinking: bool | None = None, **template_kw) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  enable_thinking=enable_thinking, **template_kw)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
+             enable_thinking: bool | None = None, on_text: Callable[[int, str], None] | None = None,
+             **template_kw) -> Completion | list[Completion]:
+        """Reply to one conversation (a list of {"role", "content"}) or to several at once."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else messages
+        texts = [self.render_chat(c, enable_thinking=enable_thinking, **template_kw) for c in convs]
+        # The template already holds BOS where the model wants it.
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        out = self.generator.generate(ids, _per_prompt(params, len(ids)), on_text=on_text)
+        for c, t in zip(out, texts):
+            c.prompt = t
+        return out[0] if single else out
+
+
+def _per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise HyprjaxError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params

@@ -1,0 +1,213 @@
+"""The decoder: Qwen3, Qwen2/2.5 and Gemma 3 (text) in one Flax NNX model, picked by config flags.
+
+The model holds weights only. The KV cache is passed in and returned (functional), so the
+jitted step can donate it and the paged engine can swap in its own cache layout. Layers follow
+`__call__(x, positions, cache, ...) -> (y, cache)`; shapes use the project's einsum letters
+(B batch, T tokens, S cache slots, N query heads, K kv heads, G = N / K, H head dim, D model,
+F ffn, V vocab).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .rope import apply_rope, rope_frequencies
+
+
+class LayerCache(NamedTuple):
+    """Contiguous KV cache of one layer: slot s holds the key/value of position s."""
+
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array  # [B, S, K, H]
+
+
+KVCache = tuple  # tuple[LayerCache, ...], one per layer
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
+    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), dtype) * din ** -0.5)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x):
+        w = self.kernel[...]
+        y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=w.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+        self.q_proj = Linear(d, cfg.num_heads * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * h, d, bias=False, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        sliding = cfg.is_sliding[layer]
+        self.window = cfg.sliding_window if sliding else None
+        theta = cfg.rope_local_theta if (sliding and cfg.rope_local_theta) else cfg.rope_theta
+        scaling = None if sliding else cfg.rope_scaling  # Gemma 3 scales only its global layers
+        # Static RoPE settings (no arrays on the module: NNX would treat them as state).
+        self.rope = (h, theta, scaling, cfg.max_position_embeddings)
+        self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+        self.softcap = cfg.attn_logit_softcap
+
+    def __call__(self, x, positions, cache: LayerCache):
+        """x: [B, T, D], positions: i32[B, T] (negative = padding, not written) -> ([B, T, D], cache)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, rope_scale = rope_frequencies(*self.rope)
+        q = apply_rope(q, positions, inv_freq, rope_scale)
+        k = apply_rope(k, positions, inv_freq, rope_scale)
+        cache = write_cache(cache, k, v, positions)
+        out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+def write_cache(cache: LayerCache, k, v, positions) -> LayerCache:
+    """Scatter k/v [B, T, K, H] to their positions; padding (position < 0 or >= S) is dropped."""
+    b, t = positions.shape
+    slots = cache.k.shape[1]
+    pos = jnp.where((positions >= 0) & (positions < slots), positions, slots)  # slots = out of bounds
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return LayerCache(cache.k.at[rows, pos].set(k.astype(cache.k.dtype), mode="drop"),
+                      cache.v.at[rows, pos].set(v.astype(cache.v.dtype), mode="drop"))
+
+
+def cached_attention(q, cache: LayerCache, positions, *, scale, window=None, softcap=None):
+    """Causal GQA attention of q [B, T, N, H] over the cache [B, S, K, H] -> [B, T, N, H].
+
+    Slot s is visible to a query at position p when s <= p (and p - s < window on sliding
+    layers). Every slot at or before p was written by this sequence, so no lengths are needed.
+    """
+    b, t, n, h = q.shape
+    kh = cache.k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, cache.k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    s = jnp.arange(cache.k.shape[1])
+    p = positions[:, :, None]  # [B, T, 1]
+    visible = s[None, None, :] <= p
+    if window:
+        visible &= s[None, None, :] > p - window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows of padding see nothing
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), cache.v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def __call__(self, x):
+        g = self.gate_proj(x)
+        g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        eps = cfg.rms_norm_eps
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        if cfg.sandwich_norm:
+            self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+            self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+
+    def __call__(self, x, positions, cache: LayerCache):
+        h, cache = self.attn(self.attn_norm(x), positions, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h, cache
+
+
+class Model(nnx.Module):
+    """Decoder-only LM. Weights only; see `forward` for the call."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(d, cfg.vocab_size, bias=False, dtype=dtype,
+                                                                    rngs=rngs)
+
+    def __call__(self, tokens, positions, cache: KVCache, logit_index=None):
+        """tokens, positions: i32[B, T]; logit_index: i32[B] or None.
+
+        Returns (logits f32[B, T, V] or, with logit_index, f32[B, V] at those token indices; cache).
+        """
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, layer_cache)
+            new_cache.append(layer_cache)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = self.norm(x)
+        if self.lm_head is None:
+            w = self.embed.embedding[...]
+            logits = jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits, tuple(new_cache)
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> Model:
+    """The model with ShapeDtypeStruct leaves: real sizes cost nothing until weights are set."""
+    return nnx.eval_shape(lambda: Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))

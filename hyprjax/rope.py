@@ -1,0 +1,57 @@
+"""Rotary position embeddings (the "rotate half" / NEOX layout Qwen and Gemma use).
+
+Frequencies are computed once on the host in float64 (as numpy constants) so the jitted step
+only does the sin/cos of `positions * inv_freq`. Scaling follows HF's `rope_scaling`: `linear`
+divides positions by the factor; `yarn` blends interpolated and extrapolated frequencies by a
+ramp over dimensions and scales cos/sin by the attention factor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
+                     max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """Returns (inv_freq f32[H/2], attention_scale) for one RoPE base."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    pos_freqs = theta ** exponents
+    inv_freq = 1.0 / pos_freqs
+    if scaling is None:
+        return inv_freq.astype(np.float32), 1.0
+    if scaling.kind == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32), 1.0
+    # yarn
+    factor = scaling.factor
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def correction_dim(rotations):
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp  # 1 where frequencies are kept as trained (high frequency)
+    inv = (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
+    return inv.astype(np.float32), float(attention)
+
+
+def apply_rope(x, positions, inv_freq, scale: float = 1.0):
+    """x: f[B, T, N, H], positions: i32[B, T], inv_freq: f32[H/2] -> f[B, T, N, H]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = (jnp.cos(angles) * scale)[:, :, None, :]
+    sin = (jnp.sin(angles) * scale)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,146 @@
+"""Sampling parameters and the on-device sampler.
+
+Per-sequence parameters travel as arrays (`SamplingArrays`), so one compiled step serves a
+batch whose requests all sample differently. Randomness is a per-sequence key folded with the
+token index: a seeded request gives the same tokens whatever else shares its batch.
+The sort that top-k/top-p/min-p need runs only when some row in the batch asks for it
+(`lax.cond`), so greedy and plain-temperature batches never pay for a vocabulary sort.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import HyprjaxError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (OpenAI / vLLM semantics)."""
+
+    max_tokens: int = 128  # tokens to generate at most
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set with this much probability; 1 = off
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely); 0 = off
+    repetition_penalty: float = 1.0  # HF style, over prompt and output tokens; 1 = off
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0  # OpenAI style, over output tokens
+    seed: int | None = None  # None = a fresh random seed per request
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the sequence
+    ignore_eos: bool = False  # keep going past EOS / end-of-turn tokens
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise HyprjaxError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: {want}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            bad("temperature", "must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 0 (0 or -1 = off)")
+        if not (0 < self.top_p <= 1):
+            bad("top_p", "must be in (0, 1]")
+        if not (0 <= self.min_p <= 1):
+            bad("min_p", "must be in [0, 1]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                bad(name, "must be in [-2, 2]")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingArrays:
+    """SamplingParams of a batch as device arrays, one row per sequence."""
+
+    temperature: jax.Array  # f32[B]
+    top_k: jax.Array  # i32[B], 0 = off
+    top_p: jax.Array  # f32[B]
+    min_p: jax.Array  # f32[B]
+    repetition_penalty: jax.Array  # f32[B]
+    presence_penalty: jax.Array  # f32[B]
+    frequency_penalty: jax.Array  # f32[B]
+    keys: jax.Array  # u32[B, 2], raw threefry keys from each request's seed
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], batch: int, seeds: list[int]) -> "SamplingArrays":
+        """Pack `params` (padded to `batch` rows with greedy dummies)."""
+        pad = [SamplingParams(temperature=0.0)] * (batch - len(params))
+        rows = list(params) + pad
+        seeds = list(seeds) + [0] * len(pad)
+
+        def col(name, dtype):
+            return jnp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
+
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s % 2**32))) for s in seeds])
+        return cls(col("temperature", np.float32), jnp.asarray(np.array([max(p.top_k, 0) for p in rows], np.int32)),
+                   col("top_p", np.float32), col("min_p", np.float32), col("repetition_penalty", np.float32),
+                   col("presence_penalty", np.float32), col("frequency_penalty", np.float32),
+                   jnp.asarray(keys.astype(np.uint32)))
+
+
+def apply_penalties(logits, s: SamplingArrays, counts, seen):
+    """logits f32[B, V]; counts i32[B, V] of output tokens; seen bool[B, V] of prompt+output tokens."""
+    rep = s.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def _filter(logits, s: SamplingArrays):
+    """Mask tokens outside top-k, top-p and min-p (applied in that order, as HF's warpers do)."""
+    b, v = logits.shape
+    order = jnp.argsort(-logits, axis=-1)
+    sl = jnp.take_along_axis(logits, order, axis=-1)
+    ranks = jnp.arange(v)[None, :]
+    k = jnp.where(s.top_k > 0, s.top_k, v)[:, None]
+    sl = jnp.where(ranks < k, sl, -jnp.inf)
+    probs = jax.nn.softmax(sl, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep = (before < s.top_p[:, None]) | (ranks == 0)
+    keep &= probs >= s.min_p[:, None] * probs[:, :1]
+    sl = jnp.where(keep, sl, -jnp.inf)
+    rows = jnp.arange(b)[:, None]
+    return jnp.full_like(logits, -jnp.inf).at[rows, order].set(sl)
+
+
+def sample(logits, s: SamplingArrays, counts, seen, step):
+    """Pick one token per row. logits f32[B, V], step i32[B] (index of the token each row samples)."""
+    logits = apply_penalties(logits.astype(jnp.float32), s, counts, seen)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = logits / temp
+    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+
+    def draw(key_data, row, i):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
+        return jax.random.categorical(key, row)
+
+    drawn = jax.vmap(draw)(s.keys, scaled, step).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, drawn, greedy)
+
+
+def record(tokens, counts, seen, active):
+    """Count the sampled tokens i32[B] (rows with active=False are not counted)."""
+    rows = jnp.arange(tokens.shape[0])
+    add = active.astype(counts.dtype)
+    return counts.at[rows, tokens].add(add), seen.at[rows, tokens].set(seen[rows, tokens] | active)
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
