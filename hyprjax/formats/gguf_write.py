@@ -63,6 +63,9 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
         raise ValueError(f"qtype {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
     if tokenizer_json is not None and tokenizer_meta is not None:
         raise ValueError("pass tokenizer_json or tokenizer_meta, not both")
+    if cfg.arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+        raise NotImplementedError(f"qwen2 with num_heads*head_dim={cfg.num_heads * cfg.head_dim} != hidden_size="
+                                  f"{cfg.hidden_size}: llama.cpp's qwen2 graph assumes they are equal")
     specs = tensor_table(cfg)
     missing = [s.hf for s in specs if s.hf not in tensors]
     if missing:
