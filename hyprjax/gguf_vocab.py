@@ -13,12 +13,9 @@ prompt encodes to the same ids whichever loader a user picks:
 from __future__ import annotations
 
 import functools
-import mmap
 import os
-import struct
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
@@ -28,81 +25,11 @@ from .errors import HyprjaxError, ModelFileError
 # llama.cpp token types (gguf.TokenType); UNUSED (5) tokens stay plain vocabulary entries.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """A GGUF file's key/value metadata as python values (str, int, float, bool, lists of them).
+    """A GGUF file's key/value metadata as python values (reads only the header)."""
+    from .formats.gguf_read import GGUFFile
 
-    Reads only the header, never tensor data. String arrays of 150k entries (a vocabulary, its
-    merges) take a fraction of a second: numeric arrays are converted in one numpy call.
-    """
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse_metadata(buf, path)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such GGUF file") from None
-    except HyprjaxError:
-        raise
-    except (struct.error, ValueError) as e:  # ValueError: an empty file cannot be mapped
-        raise ModelFileError(f"{path}: GGUF metadata is truncated or malformed ({e})") from None
-
-
-def _parse_metadata(buf, path) -> dict[str, Any]:
-    if buf[:4] != b"GGUF":
-        raise ModelFileError(f"{path}: not a GGUF file (no GGUF magic bytes)")
-    version, _tensor_count, kv_count = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):  # v1 used 32-bit lengths and is long gone
-        raise ModelFileError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-    pos, meta = 24, {}
-    for _ in range(kv_count):
-        key, pos = _read_str(buf, pos)
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        try:
-            meta[key], pos = _read_value(buf, pos + 4, vtype)
-        except UnicodeDecodeError as e:
-            raise ModelFileError(f"{path}: metadata key {key!r} holds text that is not UTF-8 ({e})") from None
-    return meta
-
-
-def _read_str(buf, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    end = pos + 8 + n
-    if end > len(buf):
-        raise ValueError(f"string at offset {pos} runs past the end of the file")
-    return buf[pos + 8:end].decode("utf-8"), end
-
-
-def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
-    if vtype in _SCALAR:
-        (value,) = struct.unpack_from(_SCALAR[vtype], buf, pos)
-        return value, pos + struct.calcsize(_SCALAR[vtype])
-    if vtype == _STRING:
-        return _read_str(buf, pos)
-    if vtype != _ARRAY:
-        raise ValueError(f"unknown metadata value type {vtype}")
-    etype, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if etype in _NUMPY:
-        width = np.dtype(_NUMPY[etype]).itemsize
-        # tolist() copies, so no view into the mmap outlives this line (closing it would fail).
-        values = np.frombuffer(buf, dtype=_NUMPY[etype], count=count, offset=pos).tolist()
-        return values, pos + count * width
-    out = []
-    if etype == _STRING:  # the hot path: a vocabulary or merge table, so no per-item dispatch
-        unpack = struct.Struct("<Q").unpack_from
-        for _ in range(count):
-            (n,) = unpack(buf, pos)
-            out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
-            pos += 8 + n
-        return out, pos
-    for _ in range(count):
-        value, pos = _read_value(buf, pos, etype)
-        out.append(value)
-    return out, pos
+    return GGUFFile(path).metadata
 
 
 # Pre-tokenizer regexes by `tokenizer.ggml.pre`, the ones llama.cpp's converter writes for the
@@ -126,10 +53,11 @@ def build_gguf_tokenizer(meta: dict[str, Any]) -> Backend:
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise ModelFileError("GGUF metadata has no tokenizer.ggml.model key, so it holds no tokenizer")
-    if "tokenizer.ggml.tokens" not in meta:
+    tokens = _list(meta, "tokenizer.ggml.tokens")
+    if tokens is None:
         raise ModelFileError("GGUF metadata has no tokenizer.ggml.tokens key")
-    tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
-    types = [int(t) for t in meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]
+    tokens = [str(t) for t in tokens]
+    types = [int(t) for t in _list(meta, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]
     if len(types) != len(tokens):
         raise ModelFileError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries, "
                              f"tokenizer.ggml.tokens {len(tokens)}")
@@ -152,26 +80,19 @@ def _byte_level(meta, tokens, types) -> tuple[Backend, list[bool]]:
         # A NORMAL token outside the byte alphabet is a raw-text spelling; BPE needs byte chars.
         if ty not in (CONTROL, USER_DEFINED, UNKNOWN) and not set(tok) <= byte_chars:
             tok = "".join(spell[b] for b in tok.encode("utf-8"))
-        vocab.setdefault(tok, i)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    if any(len(m) != 2 for m in merges):
-        raise ModelFileError("GGUF tokenizer.ggml.merges holds an entry without a space between its two parts")
+        vocab[tok] = i  # a repeated token keeps its last id, as in llama.cpp and transformers
     pre = meta.get("tokenizer.ggml.pre", "default")
-    try:
-        model = BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                    ignore_merges=pre in _IGNORE_MERGES)
-    except Exception as e:  # tokenizers raises plain Exception for a merge naming an unknown token
-        raise ModelFileError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})") from None
-    backend = Backend(model)
+    if pre not in _SPLITS and pre not in _GPT2_PRE:
+        raise HyprjaxError(f"GGUF tokenizer.ggml.pre = {pre!r} is not supported "
+                           f"(supported: {sorted(_SPLITS) + list(_GPT2_PRE)})")
+    backend = Backend(_bpe(vocab, _merges(meta) or [], fuse_unk=False, byte_fallback=False,
+                           ignore_merges=pre in _IGNORE_MERGES))
     if pre in _SPLITS:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in _GPT2_PRE:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        raise HyprjaxError(f"GGUF tokenizer.ggml.pre = {pre!r} is not supported "
-                           f"(supported: {sorted(_SPLITS) + list(_GPT2_PRE)})")
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _SPLITS.get(pre) is _QWEN2_SPLIT:
         # Qwen's own tokenizer NFC-normalizes; keeping it makes GGUF and HF loads agree on any input.
         backend.normalizer = normalizers.NFC()
@@ -186,17 +107,17 @@ def _sentencepiece(meta, tokens, types) -> tuple[Backend, list[bool]]:
     if gemma:
         tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
-    if meta.get("tokenizer.ggml.merges"):
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    elif gemma:  # Gemma's scores do not follow its merge order; its vocabulary order does
+    merges = _merges(meta)  # files usually have none: derive them from the ranking of the pieces
+    if not merges and gemma:  # Gemma's scores do not follow its merge order; its vocabulary order does
         merges = spm_merges(vocab, {t: -i for i, t in enumerate(tokens)})
-    else:
-        if "tokenizer.ggml.scores" not in meta:
+    elif not merges:
+        scores = _list(meta, "tokenizer.ggml.scores")
+        if scores is None:
             raise ModelFileError("GGUF llama tokenizer has neither tokenizer.ggml.merges nor tokenizer.ggml.scores")
-        merges = spm_merges(vocab, dict(zip(tokens, (float(s) for s in meta["tokenizer.ggml.scores"]))))
+        merges = spm_merges(vocab, dict(zip(tokens, (float(s) for s in scores))))
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-    backend = Backend(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend = Backend(_bpe(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     # llama.cpp's default; Gemma files set it false, and we treat a Gemma file without the key alike.
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
     # "first": only text at the very start gets the "▁", as transformers' non-legacy Llama does.
@@ -222,6 +143,29 @@ def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[st
         ranked.extend((score, len(a), len(b), a, b) for a, b in local)
     ranked.sort(key=lambda e: (e[0], e[1], e[2]), reverse=True)  # stable, as the reference's sort
     return [(a, b) for _, _, _, a, b in ranked]
+
+
+def _merges(meta: dict[str, Any]) -> list[tuple[str, str]] | None:
+    merges = _list(meta, "tokenizer.ggml.merges")
+    if merges is None:
+        return None
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise ModelFileError("GGUF tokenizer.ggml.merges holds an entry without a space between its two parts")
+    return pairs
+
+
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options) -> BPE:
+    try:
+        return BPE(vocab=vocab, merges=merges, **options)
+    except Exception as e:  # tokenizers raises plain Exception for a merge naming an unknown token
+        raise ModelFileError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})") from None
+
+
+def _list(meta: dict[str, Any], key: str) -> list | None:
+    # Callers may hand in numpy arrays (GGUFReader) as well as lists; `x or []` fails on arrays.
+    value = meta.get(key)
+    return None if value is None else list(value)
 
 
 def _add_whole_tokens(backend: Backend, tokens, types, in_vocab) -> None:

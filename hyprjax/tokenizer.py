@@ -31,14 +31,15 @@ class Tokenizer:
     `add_bos`/`add_eos` None means "as the backend's post-processor says" (a tokenizer.json's own).
     """
 
-    def __init__(self, backend: Backend, *, source: str, bos_token_id: int | None, eos_token_ids: frozenset[int],
-                 special_tokens: dict[str, str], chat_template: str | None, template_source: str,
-                 add_bos: bool | None = None, add_eos: bool | None = None, vocab_size: int | None = None):
+    def __init__(self, backend: Backend, *, source: str, bos_token_id: int | None, eos_token_id: int | None,
+                 eos_token_ids: frozenset[int], special_tokens: dict[str, str], chat_template: str | None,
+                 template_source: str, add_bos: bool | None = None, add_eos: bool | None = None,
+                 vocab_size: int | None = None):
         self.backend = backend
         self.source = source
         self._bos = bos_token_id
         self._eos_ids = eos_token_ids
-        self._eos = backend.token_to_id(special_tokens["eos_token"]) if "eos_token" in special_tokens else None
+        self._eos = eos_token_id
         self._special_tokens = special_tokens
         self._chat_template = chat_template
         self._template_source = template_source
@@ -69,18 +70,18 @@ class Tokenizer:
         bos = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
         # Stop tokens: the EOS, generation_config's list (config.json's if there is none), end-of-turn ones.
         gen = _read_json(root / "generation_config.json") or _read_json(root / "config.json")
-        eos = {backend.token_to_id(special["eos_token"])} if "eos_token" in special else set()
+        eos_id = backend.token_to_id(special["eos_token"]) if "eos_token" in special else None
         gen_eos = gen.get("eos_token_id")
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        eos = {eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
         template, tsource = _hf_chat_template(root, config)
-        # transformers rebuilds the post-processor only when the config says add_bos/eos explicitly.
-        add_bos = bool(config["add_bos_token"]) if "add_bos_token" in config else None
-        add_eos = bool(config["add_eos_token"]) if "add_eos_token" in config else None
-        if (add_bos, add_eos) != (None, None):
-            add_bos, add_eos = bool(add_bos), bool(add_eos)
-        return cls(backend, source=str(root), bos_token_id=bos, eos_token_ids=_stop_ids(backend, eos),
-                   special_tokens=special, chat_template=template, template_source=tsource,
-                   add_bos=add_bos, add_eos=add_eos)
+        # transformers (v5) lets tokenizer.json's post-processor decide BOS/EOS and drops the config's
+        # add_bos_token; only a tokenizer.json without one falls back to the config here.
+        add_bos = add_eos = None
+        if backend.post_processor is None:
+            add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
+        return cls(backend, source=str(root), bos_token_id=bos, eos_token_id=eos_id,
+                   eos_token_ids=_stop_ids(backend, eos), special_tokens=special, chat_template=template,
+                   template_source=tsource, add_bos=add_bos, add_eos=add_eos)
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
@@ -94,12 +95,13 @@ class Tokenizer:
 
         special = {name: str(tokens[i]) for name, key in _GGUF_SPECIAL_IDS.items() if (i := token_id(key)) is not None}
         eos = {token_id(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")}
-        # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise; BPE files say.
+        # Without the key: sentencepiece vocabularies get a BOS (llama.cpp and transformers agree),
+        # byte-level ones none (transformers; GGUF converters write the key for those anyway).
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
         template = meta.get("tokenizer.chat_template")
         return cls(backend, source="GGUF metadata", bos_token_id=token_id("bos_token_id"),
-                   eos_token_ids=_stop_ids(backend, eos), special_tokens=special,
-                   chat_template=str(template) if template is not None else None,
+                   eos_token_id=token_id("eos_token_id"), eos_token_ids=_stop_ids(backend, eos),
+                   special_tokens=special, chat_template=str(template) if template is not None else None,
                    template_source="GGUF tokenizer.chat_template", add_bos=add_bos,
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)), vocab_size=len(tokens))
 
@@ -172,22 +174,19 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental decode: `push(id)` returns the text that id completed, `flush()` the rest.
 
-    Each push re-decodes a short window (the last emitted tokens plus the pending ones) and
-    returns what grew past the window's already-emitted text, so decoder steps that depend on
-    neighbours (a stripped leading space, byte-fallback runs) come out exactly as `decode(all)`.
-    Text ending in U+FFFD is held back: it is a UTF-8 character whose remaining bytes are still to come.
+    Each push decodes a short window of ids and returns what grew past the text already
+    returned, minus a trailing run of U+FFFD: that is a UTF-8 character (byte-level bytes,
+    byte-fallback `<0xNN>` tokens) whose remaining bytes are still to come. The window restarts
+    at character boundaries, with the previous chunk kept as context, so decoder steps that look
+    at neighbours (a stripped leading space) come out exactly as in `decode(all ids)`.
     """
-
-    # A UTF-8 character is at most 4 bytes and each token adds at least one, so a longer wait
-    # means the bytes are invalid for good; emit the replacement characters then.
-    _MAX_PENDING = 4
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: the tokens emitted by the previous push
-        self._read = 0  # tokens before this have been returned as text
+        self._ids: list[int] = []  # the window: ids from a character boundary on
+        self._emitted = 0  # characters of decode(window) already returned
+        self._boundary = 0  # window index where the last complete decode ended
 
     def push(self, token_id: int) -> str:
         """Add one id; return the newly completed text ("" while a character is incomplete)."""
@@ -195,20 +194,27 @@ class StreamDecoder:
         return self._emit(force=False)
 
     def flush(self) -> str:
-        """Return whatever is held back, complete or not."""
+        """End of stream: return whatever is held back, complete or not."""
         return self._emit(force=True)
 
     def _emit(self, force: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        done = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix:], self._skip)
-        if not force and text.endswith("\ufffd") and len(self._ids) - self._read < self._MAX_PENDING:
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        # Drop the window's old tokens from memory; only the new window is needed again.
-        self._ids, self._read, self._prefix = self._ids[self._prefix:], self._read - self._prefix, 0
-        return text[len(done):]
+        text = self._tok.decode(self._ids, self._skip)
+        stable = text if force else text.rstrip("\ufffd")
+        out = stable[self._emitted:]
+        self._emitted = max(self._emitted, len(stable))
+        if stable == text:
+            self._rebase()
+        return out
+
+    def _rebase(self) -> None:
+        # The window's text is complete and returned. Restart it at the previous boundary; a token
+        # that decodes to nothing (a skipped special) cannot lead a window, as a decoder that strips
+        # the first leading space would then strip the following token's.
+        k = self._boundary
+        if 0 < k < len(self._ids) and self._tok.decode(self._ids[k:k + 1], self._skip):
+            self._ids = self._ids[k:]
+            self._emitted = len(self._tok.decode(self._ids, self._skip))
+        self._boundary = len(self._ids)
 
 
 def _stop_ids(backend: Backend, ids: set) -> frozenset[int]:

@@ -1,6 +1,5 @@
 """The on-device sampler against transformers' logits processors, and stop handling."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
