@@ -98,11 +98,13 @@ class Tokenizer:
         # Without the key: sentencepiece vocabularies get a BOS (llama.cpp and transformers agree),
         # byte-level ones none (transformers; GGUF converters write the key for those anyway).
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
-        template = meta.get("tokenizer.chat_template")
+        template, tsource = meta.get("tokenizer.chat_template"), "GGUF tokenizer.chat_template"
+        if template is None:  # as llama.cpp does: recognise the chat format by its turn tokens
+            template, tsource = _builtin_chat_template(backend)
         return cls(backend, source="GGUF metadata", bos_token_id=token_id("bos_token_id"),
                    eos_token_id=token_id("eos_token_id"), eos_token_ids=_stop_ids(backend, eos),
                    special_tokens=special, chat_template=str(template) if template is not None else None,
-                   template_source="GGUF tokenizer.chat_template", add_bos=add_bos,
+                   template_source=tsource, add_bos=add_bos,
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)), vocab_size=len(tokens))
 
     @classmethod
@@ -220,6 +222,23 @@ class StreamDecoder:
 def _stop_ids(backend: Backend, ids: set) -> frozenset[int]:
     found = {backend.token_to_id(t) for t in _END_OF_TURN}
     return frozenset(int(i) for i in ids | found if i is not None)
+
+
+_BUILTIN_TEMPLATES = (("gemma.jinja", ("<start_of_turn>", "<end_of_turn>")),
+                      ("chatml.jinja", ("<|im_start|>", "<|im_end|>")))
+
+
+def _builtin_chat_template(backend: Backend) -> tuple[str | None, str]:
+    """A chat template for a GGUF that ships none, chosen by the turn tokens in its vocabulary.
+
+    Gemma 3's base GGUFs (the default model's included) carry no `tokenizer.chat_template`, yet
+    the vocabulary has Gemma's turn tokens and llama.cpp applies its built-in Gemma format.
+    """
+    for name, tokens in _BUILTIN_TEMPLATES:
+        if all(backend.token_to_id(t) is not None for t in tokens):
+            text = (Path(__file__).parent / "templates" / name).read_text(encoding="utf-8")
+            return text, f"built-in {name} (the file has no chat template)"
+    return None, "GGUF metadata (no tokenizer.chat_template, no known turn tokens)"
 
 
 def _read_json(path: Path) -> dict:

@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data"
 # Qwen3's template (enable_thinking, <think> handling, tool calls) as published with the models, and
 # Gemma 3's (BOS written by the template, the system text folded into the first user turn).
 QWEN3 = (DATA / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
-GEMMA3 = (DATA / "gemma3_chat_template.jinja").read_text(encoding="utf-8")
+GEMMA3 = (Path(__file__).parents[1] / "hyprjax" / "templates" / "gemma.jinja").read_text(encoding="utf-8")
 
 # Helpers and extensions transformers provides: tojson options, loop controls, strftime_now, dict,
 # namespace, the {% generation %} tag, and a kwarg passed through.

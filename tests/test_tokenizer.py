@@ -331,8 +331,13 @@ def test_errors_name_the_file_or_key(tmp_path, qwen_gguf):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "rwkv"})
     with pytest.raises(HyprjaxError, match="tokenizer.ggml.pre"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "no-such-pre"})
-    with pytest.raises(HyprjaxError, match="GGUF tokenizer.chat_template"):
-        Tokenizer.from_gguf_metadata(meta).apply_chat_template([{"role": "user", "content": "hi"}])
+    # No template in the file, but ChatML turn tokens in the vocabulary: the built-in ChatML applies.
+    chat = Tokenizer.from_gguf_metadata(meta).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    tokens = [t.replace("<|im_start|>", "<|x|>") for t in meta["tokenizer.ggml.tokens"]]
+    with pytest.raises(HyprjaxError, match="no tokenizer.chat_template.*no chat template"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": tokens}).apply_chat_template(
+            [{"role": "user", "content": "hi"}])
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + bytes(20))
     with pytest.raises(HyprjaxError, match="bad.gguf"):
         read_gguf_metadata(tmp_path / "bad.gguf")
