@@ -3,8 +3,9 @@
     python bench/make_model.py --shape qwen3-0.6b --qtype F16 --out bench/models/qwen3-0.6b-f16.gguf
     python bench/make_model.py --shape qwen3-0.6b --format hf --out bench/models/qwen3-0.6b-hf
 
-No model hub is reachable here, so benchmarks and tests build their weights: N(0, 0.02) matrices
-(logits then have a spread of ~0.02*sqrt(D), not degenerate), norms ~1, and a byte-level BPE
+No model hub is reachable here, so benchmarks and tests build their weights: embeddings N(0, 0.02),
+matrices N(0, 1/fan_in) (~0.02 at real widths), norms ~1 (so logits spread ~0.02*sqrt(D) and
+vary with the context instead of echoing the input), and a byte-level BPE
 tokenizer with exactly `vocab_size` entries, ChatML specials at Qwen's ids. Each tensor is
 generated from (seed, name) on access and written at once, so a 0.6B model is never held whole.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+if not __package__:  # run as a script from anywhere: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hyprjax.config import PRESETS, ModelConfig  # noqa: E402
 from hyprjax.formats.gguf_write import QTYPES, write_gguf  # noqa: E402
 from hyprjax.formats.names import tensor_table  # noqa: E402
@@ -43,7 +45,10 @@ class RandomWeights(Mapping):
         s = self.specs[name]
         shape = tuple(reversed(s.shape)) if s.transpose else s.shape
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])  # stable across runs
-        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)
+        # Matrices get std 1/sqrt(fan_in) (~0.02 at real widths): with a flat 0.02 a narrow model's
+        # layers add next to nothing to the residual, and tied logits just echo the input token.
+        std = self.std if len(shape) == 1 or name == "model.embed_tokens.weight" else shape[1] ** -0.5
+        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         if s.norm and self.cfg.arch != "gemma3":  # Gemma's HF norms are stored minus 1
             x += 1.0
         return x
@@ -152,7 +157,9 @@ def write_safetensors(path: Path, cfg: ModelConfig, tensors: Mapping, dtype: str
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name in tqdm(shapes, desc=f"writing {path.name}", unit="tensor", disable=not progress):
-            f.write(_to_dtype(np.ascontiguousarray(tensors[name], dtype=np.float32), dtype).tobytes())
+            x = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            for rows in np.array_split(x, max(1, x.size >> 24)):  # 16M-value chunks bound the temporaries
+                f.write(_to_dtype(rows, dtype).tobytes())
 
 
 def make_model(shape: str, qtype: str = "F16", out: str | Path = "", seed: int = 0, *,

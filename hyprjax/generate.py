@@ -49,7 +49,8 @@ def _prefill(graphdef, state, cache, tokens, lengths, sampling: SamplingArrays):
     idx = jnp.arange(t)[None, :]
     valid = idx < lengths[:, None]
     positions = jnp.where(valid, idx, -1)
-    logits, cache = model(tokens, positions, cache, logit_index=jnp.maximum(lengths - 1, 0))
+    # The cache is empty, so no query sees past slot t: attend over t slots, not the whole cache.
+    logits, cache = model(tokens, positions, cache, logit_index=jnp.maximum(lengths - 1, 0), kv_len=t)
     v = logits.shape[-1]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     seen = jnp.zeros((b, v), bool).at[rows, jnp.where(valid, tokens, v)].set(True, mode="drop")

@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
         self.softcap = cfg.attn_logit_softcap
 
-    def __call__(self, x, positions, cache: LayerCache):
+    def __call__(self, x, positions, cache: LayerCache, kv_len=None):
         """x: [B, T, D], positions: i32[B, T] (negative = padding, not written) -> ([B, T, D], cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -92,7 +92,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq, rope_scale)
         k = apply_rope(k, positions, inv_freq, rope_scale)
         cache = write_cache(cache, k, v, positions)
-        out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap)
+        out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap,
+                               kv_len=kv_len)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -106,30 +107,38 @@ def write_cache(cache: LayerCache, k, v, positions) -> LayerCache:
                       cache.v.at[rows, pos].set(v.astype(cache.v.dtype), mode="drop"))
 
 
-def cached_attention(q, cache: LayerCache, positions, *, scale, window=None, softcap=None):
+def cached_attention(q, cache: LayerCache, positions, *, scale, window=None, softcap=None, kv_len=None):
     """Causal GQA attention of q [B, T, N, H] over the cache [B, S, K, H] -> [B, T, N, H].
 
     Slot s is visible to a query at position p when s <= p (and p - s < window on sliding
     layers). Every slot at or before p was written by this sequence, so no lengths are needed.
+    `kv_len` (static) limits attention to the first kv_len slots when the caller knows no query
+    sees past them (a prefill into an empty cache), saving the masked work.
+
+    Layout: the G query heads sharing a kv head are stacked with the tokens ([B, K, G*T, H]) so
+    both products are plain batched matmuls; XLA:CPU ran this ~2x faster than the 5-D einsum.
     """
     b, t, n, h = q.shape
     kh = cache.k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, cache.k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
+    g = n // kh
+    k, v = cache.k, cache.v
+    if kv_len is not None and kv_len < k.shape[1]:
+        k, v = k[:, :kv_len], v[:, :kv_len]
+    qg = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+    scores = jnp.einsum("bkqh,bskh->bkqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    s = jnp.arange(cache.k.shape[1])
-    p = positions[:, :, None]  # [B, T, 1]
+    s = jnp.arange(k.shape[1])
+    p = jnp.tile(positions, (1, g))[:, :, None]  # [B, G*T, 1], same (g, t) order as qg
     visible = s[None, None, :] <= p
     if window:
         visible &= s[None, None, :] > p - window
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows of padding see nothing
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), cache.v.astype(q.dtype),
+    out = jnp.einsum("bkqs,bskh->bkqh", probs.astype(q.dtype), v.astype(q.dtype),
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 class MLP(nnx.Module):
@@ -159,8 +168,8 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def __call__(self, x, positions, cache: LayerCache):
-        h, cache = self.attn(self.attn_norm(x), positions, cache)
+    def __call__(self, x, positions, cache: LayerCache, kv_len=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, kv_len)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -182,8 +191,8 @@ class Model(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(d, cfg.vocab_size, bias=False, dtype=dtype,
                                                                     rngs=rngs)
 
-    def __call__(self, tokens, positions, cache: KVCache, logit_index=None):
-        """tokens, positions: i32[B, T]; logit_index: i32[B] or None.
+    def __call__(self, tokens, positions, cache: KVCache, logit_index=None, kv_len=None):
+        """tokens, positions: i32[B, T]; logit_index: i32[B] or None; kv_len: static bound on visible slots.
 
         Returns (logits f32[B, T, V] or, with logit_index, f32[B, V] at those token indices; cache).
         """
@@ -192,7 +201,7 @@ class Model(nnx.Module):
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, layer_cache)
+            x, layer_cache = layer(x, positions, layer_cache, kv_len)
             new_cache.append(layer_cache)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]

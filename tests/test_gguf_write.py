@@ -172,6 +172,17 @@ def test_bad_inputs(tmp_path, tiny):
     bad = dict(tiny["tensors"], **{"model.norm.weight": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match="model.norm.weight"):
         write_gguf(tmp_path / "x.gguf", tiny["cfg"], bad)
+    assert not (tmp_path / "x.gguf").exists()  # no truncated file left behind
+
+
+def test_tokenizer_meta_copies_ready_kvs(tmp_path, tiny):
+    src = _meta(gguf.GGUFReader(_write(tiny, "F32")))
+    tok = {k: v for k, v in src.items() if k.startswith("tokenizer.")}
+    path = tmp_path / "copy.gguf"
+    write_gguf(path, tiny["cfg"], tiny["tensors"], qtype="F16", tokenizer_meta=tok)
+    reader = gguf.GGUFReader(path)
+    assert {k: v for k, v in _meta(reader).items() if k.startswith("tokenizer.")} == tok
+    assert reader.fields["tokenizer.ggml.token_type"].types[-1] == gguf.GGUFValueType.INT32
 
 
 PROMPT = [5, 77, 300, 12, 140, 141, 9, 500, 42, 260, 33, 7, 410, 220, 91, 18, 64, 350, 2, 128]  # > window 16

@@ -99,28 +99,23 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), desc=f"writing {Path(path).name}", unit="tensor")
+    from tqdm import tqdm
+
+    done = False
     try:
-        for s, shape, qt in plan:
+        for s, shape, qt in tqdm(plan, desc=f"writing {Path(path).name}", unit="tensor", disable=not progress):
             data = np.asarray(tensors[s.hf], dtype=np.float32)
             if data.shape != shape:
                 raise ValueError(f"tensor {s.hf} has shape {data.shape}, config {cfg.arch} needs {shape}")
             if s.norm and cfg.arch == "gemma3":
                 data = data + 1.0  # Gemma3RMSNorm scales by (1 + w); llama.cpp expects w + 1 stored
-            out = gguf.quants.quantize(data, qt)
-            del data
-            w.write_tensor_data(out.view(np.uint8))
-            del out
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(s.gguf, refresh=False)
+            w.write_tensor_data(gguf.quants.quantize(data, qt).view(np.uint8))
+            del data  # keep one tensor alive at a time
+        done = True
     finally:
-        if bar is not None:
-            bar.close()
         w.close()
+        if not done:  # never leave a truncated file that looks like a model
+            Path(path).unlink(missing_ok=True)
 
 
 def _add_arch_kvs(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:

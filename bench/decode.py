@@ -1,0 +1,171 @@
+"""Prefill and decode speed, hyprjax vs llama.cpp side by side on the same GGUF file.
+
+    python bench/decode.py MODEL.gguf [MODEL.gguf ...]
+    python bench/decode.py --make qwen3-0.6b --qtype F16 Q8_0      # random-weight models it creates
+
+Prefill: one fresh `--n-prompt`-token prompt (llama-bench's pp512). Decode: greedy batch-1
+generation right after it, timed over the `--n-gen` - 1 steps after the first token (the first
+comes from the prefill logits), the way llama.cpp's eval time counts it. Both engines get the
+same token ids. Speeds are medians over `--repeats` runs after one warm-up (compilation for us).
+Writes JSON, prints a markdown table, and draws a PNG when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from llamacpp import LlamaCppError, default_prompt, run_llamacpp  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[decode bench] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype: str) -> dict:
+    import hyprjax
+
+    t0 = time.perf_counter()
+    llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16)
+    load_s = time.perf_counter() - t0
+
+    def timed(max_tokens: int):
+        params = hyprjax.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        out = llm.generate([prompt], params)[0]
+        return time.perf_counter() - start, out.token_ids
+
+    log(f"hyprjax: loaded in {load_s:.1f} s; compiling prefill and decode (warm-up) ...")
+    t0 = time.perf_counter()
+    timed(1), timed(n_gen)
+    compile_s = time.perf_counter() - t0
+    prefill, total, tokens = [], [], []
+    for r in range(repeats):
+        log(f"hyprjax: repeat {r + 1}/{repeats}")
+        prefill.append(timed(1)[0])
+        t, tokens = timed(n_gen)
+        total.append(t)
+    p, t = statistics.median(prefill), statistics.median(total)
+    return dict(engine="hyprjax", dtype=dtype, prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
+                load_s=load_s, warmup_s=compile_s, tokens=tokens)
+
+
+def agreement(a: list[int], b: list[int]) -> dict:
+    n = min(len(a), len(b))
+    prefix = next((i for i in range(n) if a[i] != b[i]), n)
+    return dict(common_prefix=prefix, of=n)
+
+
+def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str) -> list[dict]:
+    from hyprjax.formats.gguf_read import GGUFFile
+
+    rows = []
+    for path in paths:
+        gf = GGUFFile(path)
+        vocab = gf.shape("token_embd.weight")[0]
+        types = sorted({gf.type_name(n) for n in gf.names() if gf.shape(n)[0] > 1 and len(gf.shape(n)) == 2})
+        prompt = default_prompt(n_prompt, vocab)
+        name = Path(path).name
+        log(f"{name}: hyprjax ({dtype}) ...")
+        ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype)
+        log(f"{name}: llama.cpp ({threads} threads) ...")
+        try:
+            theirs = run_llamacpp(path, n_gen=n_gen, threads=threads, repeats=repeats, prompt_tokens=prompt)
+        except LlamaCppError as e:
+            log(f"llama.cpp unavailable: {e}")
+            theirs = None
+        row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen, hyprjax=ours, llamacpp=theirs)
+        if theirs:
+            row["prefill_ratio"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+            row["decode_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+            row["greedy_agreement"] = agreement(ours["tokens"], theirs["tokens"])
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | weights | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
+             "| llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        h, l = r["hyprjax"], r["llamacpp"] or {}
+        agree = r.get("greedy_agreement")
+        agree = f"{agree['common_prefix']}/{agree['of']}" if agree else "-"
+        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {h['prefill_tok_s']:.1f} | "
+                     f"{l.get('prefill_tok_s', float('nan')):.1f} | {r.get('prefill_ratio', float('nan')):.2f} | "
+                     f"{h['decode_tok_s']:.2f} | {l.get('decode_tok_s', float('nan')):.2f} | "
+                     f"{r.get('decode_ratio', float('nan')):.2f} | "
+                     f"{agree} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["model"].removesuffix(".gguf") for r in rows]
+    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["hyprjax"][key] for r in rows], 0.4, label="hyprjax")
+        ax.bar([x + 0.2 for x in xs], [(r["llamacpp"] or {}).get(key, 0) for r in rows], 0.4, label="llama.cpp")
+        ax.set_xticks(list(xs), names, rotation=15, fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    log(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", help="GGUF files to measure")
+    ap.add_argument("--make", metavar="SHAPE", help="create random-weight GGUFs of this preset shape first")
+    ap.add_argument("--qtype", nargs="+", default=["F16", "Q8_0"], help="weight types for --make")
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--dtype", default="float32", help="hyprjax parameter dtype (float32 is fastest on CPU)")
+    ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))
+    args = ap.parse_args(argv)
+    paths = list(args.models)
+    if args.make:
+        from make_model import make_model
+
+        for q in args.qtype:
+            out = HERE / "models" / f"{args.make}-{q.lower()}.gguf"
+            if not out.exists():
+                log(f"creating {out} ...")
+                make_model(args.make, q, out)
+            paths.append(str(out))
+    if not paths:
+        ap.error("give GGUF files or --make SHAPE")
+    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for r in rows:  # keep the JSON readable: token lists go, the agreement stays
+        for side in ("hyprjax", "llamacpp"):
+            if r[side]:
+                r[side].pop("tokens", None)
+    out.write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows), indent=2))
+    print(table(rows))
+    log(f"wrote {out}")
+    plot(rows, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
