@@ -10,7 +10,7 @@ only reads the chunk's tokens, detokenizes, and checks stop strings.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -22,6 +22,7 @@ from flax import nnx
 from .config import ModelConfig
 from .errors import HyprjaxError, PromptTooLongError
 from .model import init_cache
+from .detok import NullDecoder, OutputTracker
 from .sampling import SamplingArrays, SamplingParams, fresh_seed, record, sample
 
 CACHE_ROUND = 256
@@ -89,46 +90,6 @@ def _decode(graphdef, state, cache, counts, seen, tok, pos, gen, done, max_new, 
     return out, steps, cache, counts, seen, tok, pos, gen, done
 
 
-@dataclass
-class _Seq:
-    """Host-side state of one sequence: tokens so far, incremental text, stop checks."""
-
-    prompt: list[int]
-    params: SamplingParams
-    eos: frozenset
-    decoder: object
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # chars of text already streamed
-    finish_reason: str | None = None
-
-    def push(self, token: int) -> None:
-        """Add one token and decide whether the sequence is finished."""
-        if token in self.eos:
-            self._finish("stop")
-            return
-        self.tokens.append(token)
-        before = len(self.text)
-        self.text += self.decoder.push(token)
-        hits = [at for s in self.params.stop if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.finish_reason = "stop"
-        elif len(self.tokens) >= self.params.max_tokens:
-            self._finish("length")
-
-    def _finish(self, reason: str) -> None:
-        self.text += self.decoder.flush()
-        self.finish_reason = reason
-
-    def delta(self) -> str:
-        """New text safe to show: holds back a tail that could still become a stop string."""
-        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
-        end = max(self.emitted, len(self.text) - hold)
-        out, self.emitted = self.text[self.emitted:end], end
-        return out
-
-
 class Generator:
     """Jitted prefill + decode over split NNX state (plain jax.jit; see STYLE.md item 5)."""
 
@@ -164,7 +125,7 @@ class Generator:
             results.extend(Completion(s.prompt, s.tokens, s.text, s.finish_reason) for s in seqs)
         return results
 
-    def _make_seqs(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[_Seq]:
+    def _make_seqs(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[OutputTracker]:
         tok = self.tokenizer
         base_eos = frozenset(tok.eos_token_ids) if tok is not None else frozenset(self.cfg.eos_token_ids)
         seqs = []
@@ -172,10 +133,10 @@ class Generator:
             if len(ids) + p.max_tokens > self.max_model_len:  # generation stops at the context's end
                 p = dataclasses.replace(p, max_tokens=self.max_model_len - len(ids))
             eos = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else base_eos)
-            seqs.append(_Seq(list(ids), p, eos, tok.stream_decoder() if tok is not None else _IdDecoder()))
+            seqs.append(OutputTracker(list(ids), p, eos, tok.stream_decoder() if tok is not None else NullDecoder()))
         return seqs
 
-    def _run(self, seqs: list[_Seq]) -> Iterator[tuple[int, str]]:
+    def _run(self, seqs: list[OutputTracker]) -> Iterator[tuple[int, str]]:
         """Prefill and decode one batch; yields (row, new text) as tokens arrive."""
         n = len(seqs)
         prompts, params = [s.prompt for s in seqs], [s.params for s in seqs]
@@ -218,13 +179,3 @@ class Generator:
                     s.push(int(out[i, j]))
                 done[i] = s.finish_reason is not None
                 yield i, s.delta()
-
-
-class _IdDecoder:
-    """Stand-in for a tokenizer's stream decoder when a model has no tokenizer: no text."""
-
-    def push(self, token: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""

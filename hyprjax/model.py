@@ -9,6 +9,7 @@ F ffn, V vocab).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .kernels.paged_attention import paged_attention
 from .rope import apply_rope, rope_frequencies
 
 
@@ -26,7 +28,43 @@ class LayerCache(NamedTuple):
     v: jax.Array  # [B, S, K, H]
 
 
-KVCache = tuple  # tuple[LayerCache, ...], one per layer
+class PagedLayerCache(NamedTuple):
+    """One layer's share of the paged KV pool: page p holds `page_size` consecutive positions."""
+
+    k: jax.Array  # [P, page_size, K, H]
+    v: jax.Array  # [P, page_size, K, H]
+
+
+KVCache = tuple  # tuple[LayerCache | PagedLayerCache, ...], one per layer
+
+
+@dataclass
+class PagedMeta:
+    """Where a flattened step's tokens go in the paged pool and whom they attend to.
+
+    Tokens are laid out as [Td decode tokens | Tp prefill tokens]; prefill tokens come in query
+    blocks of `block_q` rows, each block of one sequence (kernels/paged_attention.py).
+    """
+
+    slot_mapping: jax.Array  # i32[T] pool slot (page * page_size + offset) of each token; -1 = padding
+    dec_block_seq: jax.Array  # i32[Td] page_table row of each decode token; -1 = padding
+    pf_block_seq: jax.Array  # i32[Tp // block_q] page_table row of each prefill block; -1 = padding
+    page_table: jax.Array  # i32[R, max_pages]
+    context_lens: jax.Array  # i32[R] tokens in the cache per row, this step's included
+    block_q: int = 16
+    backend: str = "xla"  # "xla" | "pallas"
+    interpret: bool = False
+
+
+jax.tree_util.register_dataclass(
+    PagedMeta, data_fields=["slot_mapping", "dec_block_seq", "pf_block_seq", "page_table", "context_lens"],
+    meta_fields=["block_q", "backend", "interpret"])
+
+
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+    """Zero-filled pool (never-written slots must be finite: masked reads multiply them by 0)."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return tuple(PagedLayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
@@ -80,8 +118,11 @@ class Attention(nnx.Module):
         self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
         self.softcap = cfg.attn_logit_softcap
 
-    def __call__(self, x, positions, cache: LayerCache, kv_len=None):
-        """x: [B, T, D], positions: i32[B, T] (negative = padding, not written) -> ([B, T, D], cache)."""
+    def __call__(self, x, positions, cache, kv_len=None, meta: PagedMeta | None = None):
+        """x: [B, T, D], positions: i32[B, T] (negative = padding, not written) -> ([B, T, D], cache).
+
+        With a PagedLayerCache, B is 1 and `meta` says where each token lives and what it sees.
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -91,10 +132,28 @@ class Attention(nnx.Module):
         inv_freq, rope_scale = rope_frequencies(*self.rope)
         q = apply_rope(q, positions, inv_freq, rope_scale)
         k = apply_rope(k, positions, inv_freq, rope_scale)
-        cache = write_cache(cache, k, v, positions)
-        out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap,
-                               kv_len=kv_len)
+        if isinstance(cache, PagedLayerCache):
+            cache = write_pages(cache, k[0], v[0], meta.slot_mapping)
+            out = self._paged(q[0], cache, positions[0], meta)[None]
+        else:
+            cache = write_cache(cache, k, v, positions)
+            out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap,
+                                   kv_len=kv_len)
         return self.o_proj(out.reshape(b, t, -1)), cache
+
+    def _paged(self, q, cache: PagedLayerCache, positions, meta: PagedMeta):
+        """q [T, N, H] -> [T, N, H]: decode tokens with block_q=1, prefill blocks with meta.block_q."""
+        td = meta.dec_block_seq.shape[0]
+        kw = dict(scale=self.scale, sliding_window=self.window, softcap=self.softcap, backend=meta.backend,
+                  interpret=meta.interpret)
+        parts = []
+        if td:
+            parts.append(paged_attention(q[:td], cache.k, cache.v, meta.dec_block_seq, positions[:td],
+                                         meta.page_table, meta.context_lens, block_q=1, **kw))
+        if q.shape[0] > td:
+            parts.append(paged_attention(q[td:], cache.k, cache.v, meta.pf_block_seq, positions[td:],
+                                         meta.page_table, meta.context_lens, block_q=meta.block_q, **kw))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
 def write_cache(cache: LayerCache, k, v, positions) -> LayerCache:
@@ -141,6 +200,15 @@ def cached_attention(q, cache: LayerCache, positions, *, scale, window=None, sof
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
+def write_pages(cache: PagedLayerCache, k, v, slot_mapping) -> PagedLayerCache:
+    """Scatter k/v [T, K, H] into the pool at `slot_mapping`; -1 (padding) is dropped."""
+    p, ps, kh, h = cache.k.shape
+    slots = jnp.where(slot_mapping >= 0, slot_mapping, p * ps)  # out of bounds -> dropped
+    kf = cache.k.reshape(p * ps, kh, h).at[slots].set(k.astype(cache.k.dtype), mode="drop")
+    vf = cache.v.reshape(p * ps, kh, h).at[slots].set(v.astype(cache.v.dtype), mode="drop")
+    return PagedLayerCache(kf.reshape(p, ps, kh, h), vf.reshape(p, ps, kh, h))
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -168,8 +236,8 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def __call__(self, x, positions, cache: LayerCache, kv_len=None):
-        h, cache = self.attn(self.attn_norm(x), positions, cache, kv_len)
+    def __call__(self, x, positions, cache, kv_len=None, meta=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, kv_len, meta)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -191,19 +259,22 @@ class Model(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(d, cfg.vocab_size, bias=False, dtype=dtype,
                                                                     rngs=rngs)
 
-    def __call__(self, tokens, positions, cache: KVCache, logit_index=None, kv_len=None):
-        """tokens, positions: i32[B, T]; logit_index: i32[B] or None; kv_len: static bound on visible slots.
+    def __call__(self, tokens, positions, cache: KVCache, logit_index=None, kv_len=None, meta=None):
+        """tokens, positions: i32[B, T]; logit_index: i32[B] or None; kv_len: static bound on visible slots;
+        meta: PagedMeta when `cache` is paged (then B = 1 and logit_index indexes the T tokens, i32[R]).
 
-        Returns (logits f32[B, T, V] or, with logit_index, f32[B, V] at those token indices; cache).
+        Returns (logits f32[B, T, V] or, with logit_index, f32[B or R, V] at those tokens; cache).
         """
         x = self.embed(tokens)
         if self.cfg.embed_scale:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, layer_cache, kv_len)
+            x, layer_cache = layer(x, positions, layer_cache, kv_len, meta)
             new_cache.append(layer_cache)
-        if logit_index is not None:
+        if logit_index is not None and meta is not None:
+            x = jnp.take(x[0], logit_index, axis=0)  # [R, D]: each sequence's last token
+        elif logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = self.norm(x)
         if self.lm_head is None:
