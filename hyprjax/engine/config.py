@@ -1,0 +1,73 @@
+"""Serving engine settings: one frozen dataclass, validated on creation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches, pages and compiles."""
+
+    max_num_seqs: int = 32  # sequences running at once
+    max_num_batched_tokens: int = 256  # tokens per step: decodes plus prefill chunks
+    max_prefill_seqs: int = 4  # sequences that may prefill (a chunk each) in one step
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # KV pool size; None -> from kv_cache_memory
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool when num_pages is None
+    max_model_len: int | None = None  # context limit; None -> the model's own
+    block_q: int = 16  # prefill query block (rows per attention work unit)
+    attention_backend: str = "auto"  # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas
+    max_queue: int = 256  # waiting requests before new ones are refused (HTTP 503)
+    enable_prefix_caching: bool = True
+    max_logprobs: int = 20  # top_logprobs at most
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size", "block_q",
+                     "max_queue", "kv_cache_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"engine setting {name} must be a positive integer, got {value!r}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(f"engine setting num_pages must be >= 2, got {self.num_pages}")
+        if self.attention_backend not in ("auto", "xla", "pallas"):
+            raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                              f"max_num_seqs={self.max_num_seqs} so every running sequence can decode each step")
+
+    def decode_buckets(self) -> list[int]:
+        """Decode-token counts a step is padded to: 0, 1, 2, 4, ... max_num_seqs."""
+        out, n = [0], 1
+        while n < self.max_num_seqs:
+            out.append(n)
+            n *= 2
+        return out + [self.max_num_seqs]
+
+    def prefill_buckets(self) -> list[int]:
+        """Prefill-token counts (multiples of block_q): 0 then powers of two up to the budget."""
+        limit = math.ceil((self.max_num_batched_tokens + self.max_prefill_seqs * (self.block_q - 1)) / self.block_q)
+        out, n = [0], 1
+        while n < limit:
+            out.append(n * self.block_q)
+            n *= 2
+        return out + [limit * self.block_q]
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a size (e.g. 2GiB, 512MiB)") from None

@@ -1,0 +1,257 @@
+"""ModelRunner: packs a scheduled step into fixed-shape arrays and runs the jitted paged step.
+
+Layout of a step's T tokens: [Td decode tokens | Tp prefill tokens], Td from
+`EngineConfig.decode_buckets()`, Tp from `prefill_buckets()`; each prefill chunk is padded to
+a multiple of `block_q` so a query block never spans two sequences. Rows (one per sequence that
+may sample) are [Td decode rows | max_prefill_seqs prefill rows]. Every (Td, Tp) pair is
+compiled at start-up (`warmup`), so serving never compiles.
+
+Penalty state lives on the device in tables indexed by the sequence's persistent slot:
+`counts[slot, v]` (output tokens, for presence/frequency) and `seen[slot, v]` (prompt and
+output, for repetition). `admit` fills a slot's rows when a sequence (re)enters the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..model import PagedMeta, init_paged_cache
+from ..sampling import SamplingArrays, SamplingParams, sample
+from .config import EngineConfig
+
+log = logging.getLogger("hyprjax.engine")
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepInputs:
+    tokens: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T], -1 = padding
+    meta: PagedMeta
+    logit_index: jax.Array  # i32[R] token index of each row's last token
+    row_slot: jax.Array  # i32[R] persistent slot of each row's sequence
+    row_step: jax.Array  # i32[R] index of the output token each row samples (seeds the key)
+    row_active: jax.Array  # bool[R] rows that sample this step
+    want_logprobs: jax.Array  # bool[] any row asked for logprobs
+
+
+def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: SamplingArrays, *, max_logprobs):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(inp.tokens[None], inp.positions[None], cache, logit_index=inp.logit_index, meta=inp.meta)
+    rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
+    tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
+    # Record the sampled tokens in their slots' penalty rows (inactive rows write out of bounds).
+    m = counts.shape[0]
+    slot = jnp.where(inp.row_active, inp.row_slot, m)
+    counts = counts.at[slot, tokens].add(1, mode="drop")
+    seen = seen.at[slot, tokens].set(True, mode="drop")
+
+    def with_logprobs(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, max_logprobs)
+        return jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+    def without(logits):
+        r = logits.shape[0]
+        return (jnp.zeros((r,), jnp.float32), jnp.zeros((r, max_logprobs), jnp.int32),
+                jnp.zeros((r, max_logprobs), jnp.float32))
+
+    chosen_lp, top_ids, top_lp = jax.lax.cond(inp.want_logprobs, with_logprobs, without, logits)
+    return tokens, chosen_lp, top_ids, top_lp, cache, counts, seen
+
+
+def _admit(counts, seen, slot, seen_ids, count_ids):
+    """Reset slot's penalty rows: seen <- seen_ids (prompt + outputs), counts <- count_ids (outputs)."""
+    v = counts.shape[1]
+    counts = counts.at[slot].set(0).at[slot, jnp.where(count_ids >= 0, count_ids, v)].add(1, mode="drop")
+    seen = seen.at[slot].set(False).at[slot, jnp.where(seen_ids >= 0, seen_ids, v)].set(True, mode="drop")
+    return counts, seen
+
+
+@dataclass
+class StepResult:
+    tokens: np.ndarray  # i32[R]
+    logprob: np.ndarray  # f32[R]
+    top_ids: np.ndarray  # i32[R, max_logprobs]
+    top_logprobs: np.ndarray  # f32[R, max_logprobs]
+
+
+@dataclass
+class RowRequest:
+    """What the runner needs of one scheduled sequence (the engine builds these)."""
+
+    token_ids: list[int]  # the tokens to feed
+    start: int  # position of the first of them
+    block_table: list[int]
+    slot: int
+    samples: bool  # does this chunk end at the sequence's last token
+    output_index: int  # index of the token it samples
+    params: SamplingParams
+    key: np.ndarray  # u32[2] the request's key data
+    wants_logprobs: bool
+
+
+class ModelRunner:
+    """Owns the device state (weights, KV pool, penalty tables) and the compiled step buckets."""
+
+    def __init__(self, model, cfg: ModelConfig, ecfg: EngineConfig, *, num_pages: int, max_model_len: int,
+                 backend: str, interpret: bool = False):
+        self.cfg, self.ecfg = cfg, ecfg
+        self.graphdef, self.state = nnx.split(model)
+        dtype = jax.tree.leaves(self.state)[0].dtype
+        self.num_pages, self.page_size = num_pages, ecfg.page_size
+        self.max_pages = -(-max_model_len // ecfg.page_size)
+        self.backend, self.interpret = backend, interpret
+        self.cache = init_paged_cache(cfg, num_pages, ecfg.page_size, dtype)
+        self.counts = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), jnp.int32)
+        self.seen = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), bool)
+        self._step = jax.jit(partial(_step, self.graphdef, max_logprobs=ecfg.max_logprobs),
+                             donate_argnums=(1, 2, 3))
+        self._admit = jax.jit(_admit, donate_argnums=(0, 1))
+        self._decode_buckets = ecfg.decode_buckets()
+        self._prefill_buckets = ecfg.prefill_buckets()
+
+    # ---- packing -------------------------------------------------------------------------
+
+    def _bucket(self, buckets: list[int], n: int) -> int:
+        for b in buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"step of {n} tokens exceeds the largest bucket {buckets[-1]}")
+
+    def pack(self, decodes: list[RowRequest], prefills: list[RowRequest]) -> tuple[StepInputs, SamplingArrays, list]:
+        """Host arrays for one step (decode rows first, then up to max_prefill_seqs prefill rows),
+        and the row of each request in input order."""
+        ps, bq = self.page_size, self.ecfg.block_q
+        td = self._bucket(self._decode_buckets, len(decodes))
+        pf_tokens = sum(-(-len(r.token_ids) // bq) * bq for r in prefills)
+        tp = self._bucket(self._prefill_buckets, pf_tokens)
+        t, nrows = td + tp, td + self.ecfg.max_prefill_seqs
+        tokens = np.zeros(t, np.int32)
+        positions = np.full(t, -1, np.int32)
+        slots = np.full(t, -1, np.int32)
+        dec_seq = np.full(td, -1, np.int32)
+        pf_seq = np.full(tp // bq, -1, np.int32)
+        table = np.zeros((nrows, self.max_pages), np.int32)
+        ctx = np.zeros(nrows, np.int32)
+        logit_index = np.zeros(nrows, np.int32)
+        row_slot = np.zeros(nrows, np.int32)
+        row_step = np.zeros(nrows, np.int32)
+        active = np.zeros(nrows, bool)
+        params: list[SamplingParams] = [_GREEDY] * nrows
+        keys = np.zeros((nrows, 2), np.uint32)
+        want_lp = False
+
+        def place(row: int, r: RowRequest, at: int):
+            n = len(r.token_ids)
+            pos = np.arange(r.start, r.start + n)
+            bt = np.asarray(r.block_table, np.int32)
+            tokens[at:at + n] = r.token_ids
+            positions[at:at + n] = pos
+            slots[at:at + n] = bt[pos // ps] * ps + pos % ps
+            table[row, :len(bt)] = bt
+            ctx[row] = r.start + n
+            logit_index[row] = at + n - 1
+            row_slot[row], row_step[row], active[row] = r.slot, r.output_index, r.samples
+            params[row], keys[row] = r.params, r.key
+            return n
+
+        for i, r in enumerate(decodes):
+            place(i, r, i)
+            dec_seq[i] = i
+        at = td
+        for j, r in enumerate(prefills):
+            row = td + j
+            n = place(row, r, at)
+            blocks = -(-n // bq)
+            pf_seq[(at - td) // bq:(at - td) // bq + blocks] = row
+            at += blocks * bq
+        want_lp = any(r.wants_logprobs and r.samples for r in decodes + prefills)
+        meta = PagedMeta(jnp.asarray(slots), jnp.asarray(dec_seq), jnp.asarray(pf_seq), jnp.asarray(table),
+                         jnp.asarray(ctx), block_q=bq, backend=self.backend, interpret=self.interpret)
+        inp = StepInputs(jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(logit_index),
+                         jnp.asarray(row_slot), jnp.asarray(row_step), jnp.asarray(active), jnp.asarray(want_lp))
+        order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
+        return inp, _sampling_arrays(params, keys), order
+
+    # ---- running --------------------------------------------------------------------------
+
+    def run(self, decodes: list[RowRequest], prefills: list[RowRequest]) -> StepResult:
+        """Run one step; results are in input order (decodes, then prefills)."""
+        inp, sampling, order = self.pack(decodes, prefills)
+        out = self._step(self.state, self.cache, self.counts, self.seen, inp, sampling)
+        tokens, lp, top_ids, top_lp, self.cache, self.counts, self.seen = out
+        tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
+        return StepResult(tokens[order], lp[order], top_ids[order], top_lp[order])
+
+    def admit(self, slot: int, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """Fill a slot's penalty rows for a sequence entering (or re-entering) the batch."""
+        total = len(prompt_ids) + len(output_ids)  # both padded alike: one compiled shape per length bucket
+        seen_ids, count_ids = _pad_ids(prompt_ids + output_ids, total), _pad_ids(output_ids, total)
+        self.counts, self.seen = self._admit(self.counts, self.seen, jnp.int32(slot), jnp.asarray(seen_ids),
+                                             jnp.asarray(count_ids))
+
+    def warmup(self, max_model_len: int, progress: bool = True) -> int:
+        """Compile every (decode, prefill) bucket and the admit buckets; returns how many steps ran."""
+        combos = [(d, p) for d in self._decode_buckets for p in self._prefill_buckets if d or p]
+        bar = tqdm(combos, desc="compiling step buckets", disable=not progress, leave=False)
+        for d, p in bar:
+            bar.set_postfix_str(f"decode={d} prefill={p}")
+            inp = self._padding_inputs(d, p)
+            out = self._step(self.state, self.cache, self.counts, self.seen, inp,
+                             _sampling_arrays([_GREEDY] * inp.row_slot.shape[0],
+                                              np.zeros((inp.row_slot.shape[0], 2), np.uint32)))
+            _, _, _, _, self.cache, self.counts, self.seen = out
+        n = 64
+        while True:  # admit buckets: ids padded to powers of two >= 64
+            self.admit(0, [0] * (n // 2), [0] * (n // 2))
+            if n >= max_model_len:
+                break
+            n *= 2
+        self.counts = jnp.zeros_like(self.counts)
+        self.seen = jnp.zeros_like(self.seen)
+        jax.block_until_ready(self.cache)
+        return len(combos)
+
+
+    def _padding_inputs(self, td: int, tp: int) -> StepInputs:
+        """All-padding inputs of bucket (td, tp): used to compile that bucket at start-up."""
+        ecfg = self.ecfg
+        t, r = td + tp, td + ecfg.max_prefill_seqs
+        meta = PagedMeta(jnp.full((t,), -1, jnp.int32), jnp.full((td,), -1, jnp.int32),
+                         jnp.full((tp // ecfg.block_q,), -1, jnp.int32), jnp.zeros((r, self.max_pages), jnp.int32),
+                         jnp.zeros((r,), jnp.int32), block_q=ecfg.block_q, backend=self.backend,
+                         interpret=self.interpret)
+        zeros = jnp.zeros((r,), jnp.int32)
+        return StepInputs(jnp.zeros((t,), jnp.int32), jnp.full((t,), -1, jnp.int32), meta, zeros, zeros, zeros,
+                          jnp.zeros((r,), bool), jnp.asarray(False))
+
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+def _pad_ids(ids: list[int], total: int) -> np.ndarray:
+    n = max(64, 1 << (max(total, 1) - 1).bit_length())
+    out = np.full(n, -1, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
+def _sampling_arrays(params: list[SamplingParams], keys: np.ndarray) -> SamplingArrays:
+    def col(name, dtype):
+        return jnp.asarray(np.array([getattr(p, name) for p in params], dtype=dtype))
+
+    return SamplingArrays(col("temperature", np.float32),
+                          jnp.asarray(np.array([max(p.top_k, 0) for p in params], np.int32)),
+                          col("top_p", np.float32), col("min_p", np.float32), col("repetition_penalty", np.float32),
+                          col("presence_penalty", np.float32), col("frequency_penalty", np.float32),
+                          jnp.asarray(keys))
