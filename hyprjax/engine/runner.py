@@ -176,10 +176,13 @@ class ModelRunner:
             pf_seq[(at - td) // bq:(at - td) // bq + blocks] = row
             at += blocks * bq
         want_lp = any(r.wants_logprobs and r.samples for r in decodes + prefills)
-        meta = PagedMeta(jnp.asarray(slots), jnp.asarray(dec_seq), jnp.asarray(pf_seq), jnp.asarray(table),
-                         jnp.asarray(ctx), block_q=bq, backend=self.backend, interpret=self.interpret)
-        inp = StepInputs(jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(logit_index),
-                         jnp.asarray(row_slot), jnp.asarray(row_step), jnp.asarray(active), jnp.asarray(want_lp))
+        # device_put, not jnp.asarray: in JAX 0.10 the latter stages numpy arrays through a
+        # per-shape jit, which would compile during serving.
+        put = jax.device_put
+        meta = PagedMeta(put(slots), put(dec_seq), put(pf_seq), put(table), put(ctx), block_q=bq,
+                         backend=self.backend, interpret=self.interpret)
+        inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
+                         put(active), put(np.asarray(want_lp)))
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
         return inp, _sampling_arrays(params, keys), order
 
@@ -197,8 +200,8 @@ class ModelRunner:
         """Fill a slot's penalty rows for a sequence entering (or re-entering) the batch."""
         total = len(prompt_ids) + len(output_ids)  # both padded alike: one compiled shape per length bucket
         seen_ids, count_ids = _pad_ids(prompt_ids + output_ids, total), _pad_ids(output_ids, total)
-        self.counts, self.seen = self._admit(self.counts, self.seen, jnp.int32(slot), jnp.asarray(seen_ids),
-                                             jnp.asarray(count_ids))
+        self.counts, self.seen = self._admit(self.counts, self.seen, np.int32(slot), jax.device_put(seen_ids),
+                                             jax.device_put(count_ids))
 
     def warmup(self, max_model_len: int, progress: bool = True) -> int:
         """Compile every (decode, prefill) bucket and the admit buckets; returns how many steps ran."""
@@ -248,10 +251,10 @@ def _pad_ids(ids: list[int], total: int) -> np.ndarray:
 
 def _sampling_arrays(params: list[SamplingParams], keys: np.ndarray) -> SamplingArrays:
     def col(name, dtype):
-        return jnp.asarray(np.array([getattr(p, name) for p in params], dtype=dtype))
+        return jax.device_put(np.array([getattr(p, name) for p in params], dtype=dtype))
 
     return SamplingArrays(col("temperature", np.float32),
-                          jnp.asarray(np.array([max(p.top_k, 0) for p in params], np.int32)),
+                          jax.device_put(np.array([max(p.top_k, 0) for p in params], np.int32)),
                           col("top_p", np.float32), col("min_p", np.float32), col("repetition_penalty", np.float32),
                           col("presence_penalty", np.float32), col("frequency_penalty", np.float32),
-                          jnp.asarray(keys))
+                          jax.device_put(keys))

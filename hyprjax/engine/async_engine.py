@@ -1,0 +1,161 @@
+"""AsyncEngine: the asyncio front the server uses. One thread owns the LLMEngine and its loop.
+
+HTTP handlers call `generate`, which validates at once (so bad requests fail before any
+streaming starts), queues the request through a thread-safe inbox, and returns an async
+iterator of `RequestOutput`s fed by the engine thread. Leaving the iterator early (a client
+that disconnects, a cancelled task) aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from typing import AsyncIterator
+
+from ..errors import HyprjaxError
+from ..sampling import SamplingParams
+from .llm_engine import LLMEngine, QueueFullError, RequestOutput, TokenLogprob
+
+__all__ = ["AsyncEngine", "QueueFullError", "RequestOutput", "TokenLogprob"]
+
+log = logging.getLogger("hyprjax.engine")
+
+
+class AsyncEngine:
+    """Thread-owned LLMEngine with per-request asyncio streams."""
+
+    def __init__(self, engine: LLMEngine | None, model_name: str, *, tokenizer=None, max_model_len: int = 0):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = tokenizer if engine is None else engine.tokenizer
+        self.max_model_len = max_model_len if engine is None else engine.max_model_len
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # guards _streams and _pending
+        self._pending = 0  # queued in the inbox, not yet handed to the engine
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self._thread is not None and self.error is None
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Set the engine once it has loaded and compiled (the server answers /health 503 until then)."""
+        self.engine, self.tokenizer, self.max_model_len = engine, engine.tokenizer, engine.max_model_len
+        self.start()
+
+    def start(self) -> None:
+        if self._thread is None and self.engine is not None:
+            self._thread = threading.Thread(target=self._loop, name="hyprjax-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        if self.engine is None:
+            return dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_preemptions_total=0,
+                        prefix_cache_hit_rate=0.0)
+        s = self.engine.stats()
+        s["num_waiting"] += self._pending
+        return s
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
+                 logprobs: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request; iterate the result for its outputs."""
+        if not self.ready:
+            raise QueueFullError("the engine is still loading; retry shortly")
+        self.engine.validate(prompt_token_ids, params, logprobs)
+        rid = request_id or uuid.uuid4().hex
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            waiting = self.engine.scheduler.num_waiting + self._pending
+            if waiting >= self.engine.ecfg.max_queue:
+                raise QueueFullError(f"{waiting} requests are waiting (max_queue={self.engine.ecfg.max_queue}); "
+                                     "retry later")
+            if rid in self._streams:
+                raise HyprjaxError(f"request_id {rid!r} is already in use")
+            self._streams[rid] = (asyncio.get_running_loop(), stream)
+            self._pending += 1
+        self._inbox.put(("add", rid, list(prompt_token_ids), params, logprobs))
+        self._wake.set()
+        return self._stream(rid, stream)
+
+    async def _stream(self, rid: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _send(self, rid: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(rid)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, ids, params, logprobs = msg
+                with self._lock:
+                    self._pending -= 1
+                    live = rid in self._streams
+                if not live:  # the client left before the engine saw the request
+                    continue
+                try:
+                    self.engine.add_request(ids, params, request_id=rid, logprobs=logprobs)
+                except HyprjaxError as e:
+                    self._send(rid, e)
+            else:
+                self.engine.abort(msg[1])
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._send(out.request_id, out)
+        except BaseException as e:  # an engine bug: fail every stream loudly, keep the reason
+            log.exception("engine loop crashed")
+            self.error = e
+            with self._lock:
+                rids = list(self._streams)
+            for rid in rids:
+                self._send(rid, RuntimeError(f"the engine stopped: {type(e).__name__}: {e}"))
