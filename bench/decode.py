@@ -63,7 +63,30 @@ def agreement(a: list[int], b: list[int]) -> dict:
     return dict(common_prefix=prefix, of=n)
 
 
-def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str) -> list[dict]:
+# Public domain (Jane Austen, Pride and Prejudice, 1813): the real-text prompt for real models.
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+        "considered the rightful property of some one or other of their daughters. \"My dear Mr. Bennet,\" said "
+        "his lady to him one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet replied "
+        "that he had not. \"But it is,\" returned she; \"for Mrs. Long has just been here, and she told me all "
+        "about it.\" Mr. Bennet made no answer. \"Do you not want to know who has taken it?\" cried his wife "
+        "impatiently. \"You want to tell me, and I have no objection to hearing it.\" This was invitation enough.")
+
+
+def text_prompt(path: str, n_prompt: int) -> list[int]:
+    """The first n_prompt tokens of TEXT (repeated as needed), tokenized by the file's own tokenizer."""
+    from hyprjax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_file(path)
+    ids = tok.encode(TEXT)
+    while len(ids) < n_prompt:
+        ids += tok.encode(" " + TEXT, add_special_tokens=False)
+    return ids[:n_prompt]
+
+
+def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str,
+        text: bool = False) -> list[dict]:
     from hyprjax.formats.gguf_read import GGUFFile
 
     rows = []
@@ -71,7 +94,7 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
         gf = GGUFFile(path)
         vocab = gf.shape("token_embd.weight")[0]
         types = sorted({gf.type_name(n) for n in gf.names() if gf.shape(n)[0] > 1 and len(gf.shape(n)) == 2})
-        prompt = default_prompt(n_prompt, vocab)
+        prompt = text_prompt(path, n_prompt) if text else default_prompt(n_prompt, vocab)
         name = Path(path).name
         log(f"{name}: hyprjax ({dtype}) ...")
         ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype)
@@ -81,7 +104,8 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
         except LlamaCppError as e:
             log(f"llama.cpp unavailable: {e}")
             theirs = None
-        row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen, hyprjax=ours, llamacpp=theirs)
+        row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen, prompt="text" if text else "random ids",
+                   hyprjax=ours, llamacpp=theirs)
         if theirs:
             row["prefill_ratio"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
             row["decode_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
@@ -139,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--dtype", default="float32", help="hyprjax parameter dtype (float32 is fastest on CPU)")
+    ap.add_argument("--text", action="store_true",
+                    help="prompt with real English text (tokenized by the model) instead of random token ids")
     ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))
     args = ap.parse_args(argv)
     paths = list(args.models)
@@ -153,7 +179,7 @@ def main(argv=None) -> int:
             paths.append(str(out))
     if not paths:
         ap.error("give GGUF files or --make SHAPE")
-    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype)
+    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype, args.text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:  # keep the JSON readable: token lists go, the agreement stays

@@ -95,3 +95,18 @@ def test_quantized_gguf_equals_transformers_on_the_same_file(arch, qtype, tmp_pa
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(_logits(ours, ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_loading_large_tensors_in_row_chunks_changes_nothing(arch, tmp_path_factory, monkeypatch):
+    from hyprjax.formats import load
+
+    d, _, st, tensors = _twin(arch, tmp_path_factory)
+    path = d / "Q8_0-chunks.gguf"
+    write_gguf(path, st.cfg, tensors, qtype="Q8_0", tokenizer_json=d / "tokenizer.json")
+    whole = load_model(path, progress=False)
+    monkeypatch.setattr(load, "CHUNK_BYTES", 4096)  # every 2-D tensor goes in several chunks
+    chunked, chunked_st = load_model(path, progress=False), load_model(d, with_tokenizer=False, progress=False)
+    for ids in PROMPTS:
+        np.testing.assert_array_equal(_logits(chunked, ids), _logits(whole, ids))
+        np.testing.assert_array_equal(_logits(chunked_st, ids), _logits(st, ids))

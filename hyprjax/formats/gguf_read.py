@@ -83,30 +83,34 @@ class GGUFFile:
     def type_name(self, name: str) -> str:
         return self._tensors[name].qtype.name
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's stored bytes as uint8 (a private copy, not a view of the file)."""
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor's stored bytes (of rows [r0, r1) when given) as uint8: a private copy, not a view."""
         t = self._tensors[name]
-        buf = np.empty(t.n_bytes, dtype=np.uint8)
+        row_bytes = t.n_bytes // max(1, int(np.prod(t.shape[:-1])))
+        r0, r1 = rows if rows is not None else (0, t.n_bytes // row_bytes)
+        n = (r1 - r0) * row_bytes
+        buf = np.empty(n, dtype=np.uint8)
         with open(self.path, "rb", buffering=0) as f:
-            got = os.preadv(f.fileno(), [memoryview(buf)], t.offset)
-        if got != t.n_bytes:
-            raise ModelFileError(f"{self.path}: truncated: tensor {name!r} is short by {t.n_bytes - got} bytes")
+            got = os.preadv(f.fileno(), [memoryview(buf)], t.offset + r0 * row_bytes)
+        if got != n:
+            raise ModelFileError(f"{self.path}: truncated: tensor {name!r} is short by {n - got} bytes")
         return buf
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor dequantized to float32 (F16/BF16/F32 converted), in numpy/HF shape."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or rows [r0, r1) of its first axis) dequantized to float32, in numpy/HF shape."""
         t = self._tensors[name]
-        raw = self.raw(name)
+        shape = t.shape if rows is None else (rows[1] - rows[0], *t.shape[1:])
+        raw = self.raw(name, rows)
         if t.qtype == GGMLQuantizationType.F32:
-            return raw.view(np.float32).reshape(t.shape)
+            return raw.view(np.float32).reshape(shape)
         if t.qtype == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(t.shape).astype(np.float32)
+            return raw.view(np.float16).reshape(shape).astype(np.float32)
         try:
-            out = dequantize(raw.reshape(t.shape[:-1] + (-1,)), t.qtype)
+            out = dequantize(raw.reshape(shape[:-1] + (-1,)), t.qtype)
         except NotImplementedError:
             raise ModelFileError(f"{self.path}: tensor {name!r} has type {t.qtype.name}, which cannot be "
                                  f"dequantized (supported: {', '.join(SUPPORTED)})") from None
-        return out.astype(np.float32, copy=False).reshape(t.shape)
+        return out.astype(np.float32, copy=False).reshape(shape)
 
 
 class _TensorInfo(NamedTuple):

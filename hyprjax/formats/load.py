@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -77,15 +78,40 @@ def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> 
     desc = f"loading {getattr(weights, 'path', '')}".strip()
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         for spec in specs:
-            array = _read_tensor(spec, weights, cfg, is_gguf, dtype)
-            _set(pure, spec.path, jax.device_put(array))
-            del array
+            _set(pure, spec.path, _place(spec, weights, cfg, is_gguf, dtype))
             bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 
-def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype) -> np.ndarray:
+CHUNK_BYTES = 64 << 20  # tensors above this are read and placed in row chunks
+
+
+def _place(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype) -> jax.Array:
+    """The parameter on the device. A large tensor (an embedding or LM head: 0.6 GB at Qwen3's
+    152k vocabulary, most of Gemma 3 270M) goes in row chunks written in place into a donated
+    buffer, so loading never holds a second full copy of it (the dequantizers' temporaries are
+    several times the tensor)."""
+    _check_tensor(spec, weights, is_gguf)
+    nbytes = int(np.prod(spec.shape)) * max(dtype.itemsize, 4)
+    if nbytes <= CHUNK_BYTES:
+        return jax.device_put(_read_tensor(spec, weights, cfg, is_gguf, dtype))
+    rows = weights.shape(spec.gguf if is_gguf else spec.hf)[0]
+    step = max(1, rows * CHUNK_BYTES // nbytes)
+    out = jnp.zeros(spec.shape, dtype)
+    for r0 in range(0, rows, step):
+        chunk = _read_tensor(spec, weights, cfg, is_gguf, dtype, (r0, min(rows, r0 + step)))
+        at = (0, r0) if spec.transpose else (r0, 0)
+        out = _write_rows(out, jax.device_put(chunk), np.int32(at[0]), np.int32(at[1]))
+    return out
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_rows(out, chunk, i, j):
+    return jax.lax.dynamic_update_slice(out, chunk, (i, j))
+
+
+def _check_tensor(spec: TensorSpec, weights, is_gguf: bool) -> None:
     name = spec.gguf if is_gguf else spec.hf
     where = weights.path if is_gguf else None
     if name not in weights:
@@ -96,7 +122,10 @@ def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dty
         place = where or weights.where(name)
         raise ModelFileError(f"{place}: tensor {name!r} has shape {list(got)}, expected {list(file_shape)} "
                              f"for this config")
-    array = weights.get(name)
+
+
+def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype, rows=None) -> np.ndarray:
+    array = weights.get(spec.gguf if is_gguf else spec.hf, rows)
     if not is_gguf and spec.norm and cfg.arch == "gemma3":
         array = array.astype(np.float32) + 1.0  # HF Gemma stores w - 1; GGUF folds the 1 in, so do we
     if spec.transpose:

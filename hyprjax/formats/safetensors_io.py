@@ -57,11 +57,12 @@ class SafeTensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._info[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         info = self._info[name]
         start, end = info["data_offsets"]
         raw = self._mmap[self._base + start:self._base + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return array if rows is None else array[rows[0]:rows[1]]
 
 
 class SafeTensorsDir:
@@ -93,8 +94,8 @@ class SafeTensorsDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
-    def get(self, name: str) -> np.ndarray:
-        return self._where[name].get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self._where[name].get(name, rows)
 
     def where(self, name: str) -> Path:
         return self._where[name].path
