@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="with --chat: Qwen3 enable_thinking=False")
     p.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr")
     _add_sampling_args(p, max_tokens=128)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")
+    _add_model_args(p)
+    from .serve.main import add_serve_arguments
+
+    add_serve_arguments(p)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal, streamed (/reset, /exit)")
     _add_model_args(p)
@@ -166,9 +173,49 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply.text})
 
 
+def cmd_serve(args) -> int:
+    import logging
+    import threading
+
+    from .engine.async_engine import AsyncEngine
+    from .engine.config import EngineConfig
+    from .engine.llm_engine import LLMEngine
+    from .formats.load import load_model
+    from .llm import resolve_dtype
+    from .serve.app import create_app
+    from .serve.main import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    source = _model_arg(args)
+    ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens or max(256, args.max_num_seqs),
+                        page_size=args.page_size, num_pages=args.num_pages,
+                        kv_cache_memory=args.kv_cache_memory or EngineConfig.kv_cache_memory,
+                        max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                        max_queue=args.max_queue)
+    print(f"loading {source} ...", file=sys.stderr)
+    loaded = load_model(source, dtype=resolve_dtype(args.dtype))  # bad files fail here, before serving
+    names = args.served_model_name or [loaded.path.stem if loaded.path.is_file() else loaded.path.name]
+    front = AsyncEngine(None, names[0], tokenizer=loaded.tokenizer)
+    app = create_app(front, api_key=args.api_key, served_model_names=names)
+
+    def build():  # compile the step buckets while /health answers 503
+        try:
+            front.attach(LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg))
+            print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r})", file=sys.stderr)
+        except Exception as e:  # a config the engine refuses: say so and stop the server
+            print(f"hyprjax: error: {e}", file=sys.stderr)
+            os._exit(EXIT_USAGE)
+
+    threading.Thread(target=build, name="hyprjax-build", daemon=True).start()
+    run_server(app, args.host, args.port)
+    front.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat}[args.command]
+    handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -82,6 +82,7 @@ class LLMEngine:
         dtype_bytes = jax.tree.leaves(nnx.state(model))[0].dtype.itemsize
         page_bytes = 2 * cfg.num_layers * ecfg.page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
         num_pages = ecfg.num_pages or max(2, ecfg.kv_cache_memory // page_bytes)
+        self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
