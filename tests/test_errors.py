@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from tests.tiny_models import make_hf_model
 from hyprjax.cli import main
 from hyprjax.config import ModelConfig
 from hyprjax.errors import ConfigError, ModelFileError

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, hf_logits, make_hf_model
+from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.formats.load import load_model
 from hyprjax.generate import Generator
 from hyprjax.model import init_cache

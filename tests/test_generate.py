@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from conftest import hf_greedy, make_hf_model
+from tests.tiny_models import hf_greedy, make_hf_model
 from hyprjax.errors import HyprjaxError, PromptTooLongError
 from hyprjax.formats.load import load_model
 from hyprjax.generate import Generator

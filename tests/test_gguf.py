@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from tests.tiny_models import make_hf_model
 from hyprjax.formats.gguf_read import SUPPORTED, GGUFFile
 from hyprjax.formats.gguf_write import write_gguf
 from hyprjax.formats.load import load_model

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, hf_logits, make_hf_model
+from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.engine.config import EngineConfig
 from hyprjax.engine.llm_engine import LLMEngine
 from hyprjax.formats.load import load_model

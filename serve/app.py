@@ -1,0 +1,300 @@
+"""The OpenAI-compatible HTTP app: parse, validate, enqueue, stream back. It never touches the model.
+
+Each /v1 request is tokenized here (off the event loop), turned into one engine request per
+choice with `engine.generate`, and answered from those requests' own streams. A client that goes
+away closes its streams, which aborts its engine requests; every failure is an OpenAI-shaped
+error (`errors.py`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import secrets
+import time
+import uuid
+
+import anyio
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import responses as R
+from .engine_api import Engine, HyprjaxError, PromptTooLongError, QueueFullError
+from .errors import APIError, bad_request, internal_error, model_not_found, overloaded, unauthorized
+from .metrics import ServerMetrics
+from .protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, parse_chat, parse_completion, \
+    params_for
+from .streams import ChoiceStreams
+
+logger = logging.getLogger("hyprjax.serve")
+
+
+def create_app(engine: Engine, *, api_key: str | None = None,
+               served_model_names: list[str] | None = None) -> Starlette:
+    """A Starlette app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer KEY`."""
+    server = _Server(engine, api_key, served_model_names or [engine.model_name])
+    routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+              Route("/v1/completions", server.completions, methods=["POST"]),
+              Route("/v1/models", server.models, methods=["GET"]),
+              Route("/health", server.health, methods=["GET"]),
+              Route("/metrics", server.metrics_endpoint, methods=["GET"])]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.state.metrics = server.metrics
+    return app
+
+
+class ModelNames:
+    """The names requests may ask for: the base model's, and LoRA adapters with their parent.
+
+    `adapters` (name -> parent base name) is the hook for the adapter registry: whatever fills it
+    makes those names listed in /v1/models with "parent" set and accepted as `model`.
+    """
+
+    def __init__(self, names: list[str], root: str, max_model_len: int):
+        if not names:
+            raise ValueError("served_model_names=[]: serve at least one name")
+        self.names, self.root, self.max_model_len = list(names), root, max_model_len
+        self.adapters: dict[str, str] = {}
+        self.created = int(time.time())
+
+    def resolve(self, requested: str | None) -> str:
+        """The model name to answer with; 404 for a name not served."""
+        if requested is None:
+            return self.names[0]
+        if requested in self.names or requested in self.adapters:
+            return requested
+        raise model_not_found(requested)
+
+    def cards(self) -> list[dict]:
+        def card(name, parent):
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "hyprjax",
+                    "root": self.root, "parent": parent, "max_model_len": self.max_model_len}
+
+        return [card(n, None) for n in self.names] + [card(n, p) for n, p in self.adapters.items()]
+
+
+class _Server:
+    """The handlers of one app, sharing its engine, names, key and metrics."""
+
+    def __init__(self, engine: Engine, api_key: str | None, names: list[str]):
+        self.engine = engine
+        self.api_key = api_key
+        self.names = ModelNames(names, engine.model_name, engine.max_model_len)
+        self.metrics = ServerMetrics(engine)
+        decode = engine.tokenizer.decode
+        # Logprob entries show each token on its own, special tokens included.
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: decode([i], skip_special_tokens=False))
+
+    # ------------------------------------------------------------------------------------- routes
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._post(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._post(request, "completion")
+
+    async def models(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return unauthorized().response()
+        self.names.max_model_len = self.engine.max_model_len  # known once the engine has loaded
+        return JSONResponse({"object": "list", "data": self.names.cards()})
+
+    async def health(self, request: Request) -> Response:
+        if not self.engine.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+    # ----------------------------------------------------------------------------------- handling
+    async def _post(self, request: Request, kind: str) -> Response:
+        arrival = time.monotonic()
+        try:
+            if not self._authorized(request):
+                raise unauthorized()
+            body = await _json_body(request)
+            return await _unless_disconnected(request, self._generate(kind, body, arrival))
+        except APIError as e:
+            return e.response()
+        except Exception:
+            logger.exception("%s failed", request.url.path)
+            return internal_error().response()
+
+    async def _generate(self, kind: str, body: dict, arrival: float) -> Response:
+        chat = kind == "chat"
+        if not self.engine.ready:  # the context length and the compiled steps are not there yet
+            raise overloaded("the model is still loading and compiling; retry shortly")
+        req: ChatRequest | CompletionRequest = parse_chat(body) if chat else parse_completion(body)
+        opts = req.options
+        model = self.names.resolve(opts.model)
+        prompts = await run_in_threadpool(self._chat_ids if chat else self._completion_ids, req)
+        param = "messages" if chat else "prompt"
+        default = None if chat else DEFAULT_COMPLETION_MAX_TOKENS
+        jobs = [(ids, params_for(opts, len(ids), self.engine.max_model_len, default_max_tokens=default, choice=j,
+                                 prompt_param=param)) for ids in prompts for j in range(opts.n)]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            streams = await ChoiceStreams.start(self.engine, jobs, request_id=rid, logprobs=opts.logprobs,
+                                                timer=lambda: self.metrics.request(arrival, model_name=model))
+        except QueueFullError as e:
+            raise overloaded(str(e)) from None
+        except PromptTooLongError as e:
+            raise bad_request(str(e), param=param, code="context_length_exceeded") from None
+        except HyprjaxError as e:
+            raise bad_request(str(e)) from None
+        answer = _Answer(kind, rid, int(time.time()), model, opts.logprobs is not None, self.token_text,
+                         prompt_tokens=sum(len(ids) for ids in prompts), n=opts.n)
+        if opts.stream:
+            return _EngineStreamResponse(answer.events(streams, opts.include_usage), streams)
+        try:
+            choices = [R.Choice() for _ in jobs]
+            async for i, out in streams.outputs():
+                choices[i].add(out)
+        finally:
+            await streams.aclose()
+        return JSONResponse(answer.whole(choices))
+
+    def _chat_ids(self, req: ChatRequest) -> list[list[int]]:
+        tok = self.engine.tokenizer
+        try:
+            text = tok.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
+                                           tools=req.tools, **req.template_kwargs)
+        except HyprjaxError as e:
+            raise bad_request(str(e), param="messages") from None
+        return [tok.encode(text, add_special_tokens=False)]  # the template writes BOS itself
+
+    def _completion_ids(self, req: CompletionRequest) -> list[list[int]]:
+        tok, out = self.engine.tokenizer, []
+        for p in req.prompts:
+            ids = tok.encode(p) if isinstance(p, str) else p
+            if not ids:
+                raise bad_request("'prompt' is empty (no tokens)", param="prompt")
+            bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"'prompt' has token id {bad}, outside the vocabulary [0, {tok.vocab_size})",
+                                  param="prompt")
+            out.append(ids)
+        return out
+
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+class _Answer:
+    """Turns one request's engine outputs into OpenAI's body (`whole`) or SSE events (`events`)."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, want_logprobs: bool, token_text,
+                 *, prompt_tokens: int, n: int):
+        self.chat = kind == "chat"
+        self.rid, self.created, self.model = rid, created, model
+        self.want_logprobs, self.token_text = want_logprobs, token_text
+        self.prompt_tokens, self.n = prompt_tokens, n
+
+    def _usage(self, output_tokens: list[int], cached: list[int]) -> dict:
+        # A prompt is counted once however many choices it has; choice p * n is prompt p's first.
+        return R.usage(self.prompt_tokens, sum(output_tokens), sum(cached[:: self.n]))
+
+    def whole(self, choices: list[R.Choice]) -> dict:
+        build = R.chat_response if self.chat else R.completion_response
+        u = self._usage([c.num_output_tokens for c in choices], [c.num_cached_tokens for c in choices])
+        return build(self.rid, self.created, self.model, choices, self.want_logprobs, self.token_text, u)
+
+    async def events(self, streams: ChoiceStreams, include_usage: bool):
+        head = (self.rid, self.created, self.model)
+        k = len(streams)
+        output_tokens, cached, offsets = [0] * k, [0] * k, [0] * k
+        try:
+            if self.chat:  # OpenAI opens each choice with the role
+                for i in range(k):
+                    yield R.sse(R.chat_chunk(*head, i, {"role": "assistant", "content": ""}, with_usage=include_usage))
+            async for i, out in streams.outputs():
+                output_tokens[i], cached[i] = out.num_output_tokens, out.num_cached_tokens
+                lp = None
+                if self.want_logprobs and out.logprobs:
+                    if self.chat:
+                        lp = R.chat_logprobs(out.logprobs, self.token_text)
+                    else:
+                        lp, offsets[i] = R.completion_logprobs(out.logprobs, self.token_text, offsets[i])
+                finish = out.finish_reason if out.finished else None
+                if self.chat:
+                    if out.new_text or lp:
+                        yield R.sse(R.chat_chunk(*head, i, {"content": out.new_text}, logprobs=lp,
+                                                 with_usage=include_usage))
+                    if out.finished:
+                        yield R.sse(R.chat_chunk(*head, i, {}, finish_reason=finish, with_usage=include_usage))
+                elif out.new_text or lp or out.finished:
+                    yield R.sse(R.completion_chunk(*head, i, out.new_text, logprobs=lp, finish_reason=finish,
+                                                   with_usage=include_usage))
+            if include_usage:
+                obj = "chat.completion.chunk" if self.chat else "text_completion"
+                yield R.sse(R.usage_chunk(obj, *head, self._usage(output_tokens, cached)))
+        except Exception:  # headers are gone: report in-band, as OpenAI and vLLM do
+            logger.exception("stream %s failed", self.rid)
+            yield R.sse(internal_error().body())
+        yield R.DONE
+
+
+class _EngineStreamResponse(StreamingResponse):
+    """An SSE response that closes its engine streams however it ends: done, client gone, or error."""
+
+    def __init__(self, events, streams: ChoiceStreams):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._streams.aclose()
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise bad_request(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+async def _unless_disconnected(request: Request, work) -> Response:
+    """Await `work`, cancelling it if the client disconnects first (its streams close, aborting them)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(watcher, task, return_exceptions=True)
+    if task.cancelled():
+        logger.info("client disconnected from %s; its request was aborted", request.url.path)
+        return Response(status_code=499)  # nobody reads it
+    return task.result()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404/405 in OpenAI's error shape."""
+    return APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, None,
+                    dict(exc.headers or {})).response()

@@ -1,0 +1,59 @@
+"""What the HTTP layer needs from the engine, written down in one place.
+
+The server only ever calls the members of `Engine` below: it enqueues with `generate`, reads its
+own request's stream, and closes that stream to abort. Anything with these members can be served
+(the tests serve a fake one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from hyprjax.errors import HyprjaxError, PromptTooLongError
+from hyprjax.sampling import SamplingParams
+
+from hyprjax.engine.llm_engine import QueueFullError
+
+__all__ = ["Engine", "HyprjaxError", "PromptTooLongError", "QueueFullError", "RequestOutput", "SamplingParams"]
+
+
+class TokenLogprob(Protocol):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+class RequestOutput(Protocol):
+    """One streamed increment of one engine request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # text delta, stop strings already cut
+    logprobs: list[TokenLogprob] | None  # one per new token when asked for
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+class Engine(Protocol):
+    """The engine as the server sees it (hyprjax.engine.async_engine.AsyncEngine)."""
+
+    model_name: str
+    tokenizer: Any  # hyprjax.tokenizer.Tokenizer: encode, decode, apply_chat_template, vocab_size
+    max_model_len: int
+    ready: bool
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
+                 logprobs: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Enqueue one request; may raise PromptTooLongError / QueueFullError at the call or the first read.
+        Closing the iterator early aborts the request."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict:
+        """num_running, num_waiting, kv_cache_usage (0..1), num_preemptions_total, prefix_cache_hit_rate."""
+        ...

@@ -1,0 +1,83 @@
+"""Command-line flags of `hyprjax serve` and running the app under uvicorn.
+
+`hyprjax/cli.py` adds these flags to its `serve` sub-command, builds the engine from them and
+calls `run_server(create_app(engine, ...), args.host, args.port)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C / SIGTERM, streams still open this long are cancelled (and aborted)
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes (GiB/MiB binary, GB/MB decimal, bare G/M binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or 1.5GB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be > 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the HTTP server and serving-engine flags of `hyprjax serve` to `parser`."""
+    http = parser.add_argument_group("HTTP server")
+    http.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every interface)")
+    http.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    http.add_argument("--api-key", default=None, metavar="KEY",
+                      help="require 'Authorization: Bearer KEY' on /v1 routes (/health and /metrics stay open)")
+    http.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                      help="the name clients pass as 'model' (repeatable; the first is reported in answers); "
+                           "default: the model's own name")
+
+    eng = parser.add_argument_group("serving engine")
+    if "--max-model-len" not in parser._option_string_actions:  # the CLI's shared model flags may have it
+        eng.add_argument("--max-model-len", type=_positive, default=None, metavar="N",
+                         help="context length in tokens (prompt + output) per request; default: the model's own")
+    eng.add_argument("--max-num-seqs", type=_positive, default=32, metavar="N",
+                     help="most requests decoded together in one batch (default 32)")
+    eng.add_argument("--max-num-batched-tokens", type=_positive, default=None, metavar="N",
+                     help="most tokens (prefill chunks + decodes) in one engine step; longer prompts are "
+                          "prefilled in chunks (default: the engine's choice)")
+    eng.add_argument("--page-size", type=_positive, default=16, metavar="TOKENS",
+                     help="tokens per KV cache page (default 16)")
+    kv = eng.add_mutually_exclusive_group()
+    kv.add_argument("--num-pages", type=_positive, default=None, metavar="N",
+                    help="KV cache pages to allocate (capacity = N x page size tokens over all requests)")
+    kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
+                    help="memory for the KV cache, e.g. 2GiB or 512MiB; sets the number of pages "
+                         "(default: the engine's choice)")
+    eng.add_argument("--attention-backend", choices=["auto", "xla", "pallas"], default="auto",
+                     help="paged attention: pallas kernels (GPU/TPU), xla (plain jnp, the CPU path), or auto "
+                          "(pallas on GPU/TPU, xla on CPU; resolved once at start-up and logged)")
+    eng.add_argument("--max-queue", type=_positive, default=256, metavar="N",
+                     help="requests allowed to wait for a batch slot; beyond this the server answers "
+                          "503 with Retry-After (default 256)")
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Serve `app` until Ctrl-C / SIGTERM; open streams get GRACEFUL_SHUTDOWN_S seconds to finish."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.Server(config).run()
