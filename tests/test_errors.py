@@ -158,3 +158,13 @@ def test_not_a_model_file(tmp_path, capsys):
 def test_hub_id_offline_names_local_forms(capsys):
     msg = _cli_error(["info", "Qwen/Qwen3-definitely-not-cached"], capsys)
     assert "Qwen/Qwen3-definitely-not-cached" in msg and ".gguf file" in msg
+
+
+def test_prompt_longer_than_the_context_from_the_cli(model_dir, tmp_path, capsys):
+    from bench.make_model import build_tokenizer
+
+    d = _copy(model_dir, tmp_path)
+    build_tokenizer(320).save(str(d / "tokenizer.json"))
+    msg = _cli_error(["generate", str(d), "-p", "one two three four five six seven eight nine ten",
+                      "--max-model-len", "8"], capsys)
+    assert "tokens, but the context holds 8" in msg
