@@ -13,30 +13,10 @@ from dataclasses import dataclass
 
 from hyprjax.errors import PromptTooLongError
 from hyprjax.sampling import SamplingParams
-from hyprjax.serve.engine_api import QueueFullError
+from hyprjax.engine.llm_engine import QueueFullError, RequestOutput, TokenLogprob
 
 BOS, EOS = 256, 257
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    logprobs: list[TokenLogprob] | None
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
 
 
 class FakeTokenizer:
