@@ -37,8 +37,10 @@ class LLM:
                  decode_chunk: int = 16, max_batch: int = 32, progress: bool = True):
         loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress)
         self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
+        self.model = loaded.model
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    decode_chunk=decode_chunk, max_batch=max_batch)
+        self._engine = None
 
     @property
     def max_model_len(self) -> int:
@@ -53,17 +55,61 @@ class LLM:
             raise HyprjaxError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
         return ids
 
+    def engine(self, config=None):
+        """The paged continuous-batching engine over this model's weights (built once, no copy).
+
+        Offline use compiles buckets as they are first met rather than all at start-up.
+        """
+        if self._engine is None:
+            from .engine.config import EngineConfig
+            from .engine.llm_engine import LLMEngine
+
+            config = config or EngineConfig(max_model_len=self.max_model_len)
+            self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False)
+        return self._engine
+
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-        """Complete each prompt (text or token ids). `params` is one for all or one per prompt."""
+                 on_text: Callable[[int, str], None] | None = None, use_engine: bool = False) -> list[Completion]:
+        """Complete each prompt (text or token ids). `params` is one for all or one per prompt.
+
+        `use_engine=True` runs them through the paged engine instead of the contiguous-cache
+        generator: many prompts of mixed lengths then flow through continuous batching.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
         params = _per_prompt(params, len(ids))
-        out = self.generator.generate(ids, params, on_text=on_text)
+        if use_engine:
+            out = self._generate_on_engine(ids, params, on_text)
+        else:
+            out = self.generator.generate(ids, params, on_text=on_text)
         for c, p in zip(out, prompts):
             c.prompt = p if isinstance(p, str) else None
+        return out
+
+    def _generate_on_engine(self, ids, params, on_text) -> list[Completion]:
+        eng = self.engine()
+        rids = [eng.add_request(p, sp) for p, sp in zip(ids, params)]
+        index = {rid: i for i, rid in enumerate(rids)}
+        tokens = {rid: [] for rid in rids}
+        texts = {rid: [] for rid in rids}
+        reasons = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                tokens[o.request_id] += o.new_token_ids
+                texts[o.request_id].append(o.new_text)
+                if on_text is not None and o.new_text:
+                    on_text(index[o.request_id], o.new_text)
+                if o.finished:
+                    reasons[o.request_id] = o.finish_reason
+        eos = set(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
+        out = []
+        for p, sp, r in zip(ids, params, rids):
+            toks = tokens[r]
+            if reasons[r] == "stop" and toks and toks[-1] in eos | set(sp.stop_token_ids):
+                toks = toks[:-1]  # as the generator reports it: the end token is not part of the output
+            out.append(Completion(p, toks, "".join(texts[r]), reasons[r]))
         return out
 
     def render_chat(self, messages: list[dict], *, enable_thinking: bool | None = None, **template_kw) -> str:

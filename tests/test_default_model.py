@@ -25,8 +25,8 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
         "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
         "considered the rightful property of some one or other of their daughters.")
-LOGIT_ATOL = 2e-3  # float32, 18 layers, 262k-way head: summation order differs from torch's
-PPL_BOUND = 20.0
+LOGIT_ATOL = 5e-4  # float32, 18 layers, 262k-way head; measured max difference 1.2e-4
+PPL_BOUND = 20.0  # measured 18.5 on this paragraph (deterministic: same file, float32)
 
 SAMPLE = ("Hello world!  Two  spaces,\ta tab,\nnew lines\n\n and   runs.  Zahlen: 1234567 and 3.14159; "
           "Grüße aus Köln, Ελληνικά, русский текст, 中文字符测试, 日本語のテキスト, 한국어, العربية. "
