@@ -17,13 +17,23 @@ from .errors import HyprjaxError
 EXIT_USAGE = 2
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a HF model directory, a .gguf file, or a hub id "
                    "(org/name or org/name:file.gguf; needs a network)")
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
-    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+    p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
@@ -202,10 +212,14 @@ def cmd_serve(args) -> int:
     def build():  # compile the step buckets while /health answers 503
         try:
             front.attach(LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg))
-            print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r})", file=sys.stderr)
-        except Exception as e:  # a config the engine refuses: say so and stop the server
+            print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r}, context "
+                  f"{front.max_model_len} tokens)", file=sys.stderr)
+        except HyprjaxError as e:  # a setting the engine refuses: one line, then stop the server
             print(f"hyprjax: error: {e}", file=sys.stderr)
             os._exit(EXIT_USAGE)
+        except Exception:  # a bug (a kernel that fails to lower, out of memory): the whole traceback
+            logging.getLogger("hyprjax").exception("building the engine failed")
+            os._exit(1)
 
     threading.Thread(target=build, name="hyprjax-build", daemon=True).start()
     run_server(app, args.host, args.port)

@@ -1,8 +1,8 @@
 """Batched generation over a contiguous KV cache: one bucketed prefill, then chunked decode.
 
 Shapes are static inside jit: the batch pads to a power of two, the prompt to a power of two
-(>= 16) and the cache to a multiple of 256 slots, so a new prompt inside a bucket compiles
-nothing. Decode runs up to `decode_chunk` tokens per host call in a `lax.while_loop` that stops
+(>= 16) and the cache to a power of two (>= 256 slots), so a new prompt inside a bucket
+compiles nothing. Decode runs up to `decode_chunk` tokens per host call in a `lax.while_loop` that stops
 early once every row is done (EOS, end-of-turn or max_tokens, all checked on device); the host
 only reads the chunk's tokens, detokenizes, and checks stop strings.
 """
@@ -144,8 +144,9 @@ class Generator:
         lengths = np.zeros(b, np.int32)
         lengths[:n] = [len(p) for p in prompts]
         t = _bucket(int(lengths.max()), 16)
-        slots = min(self.max_model_len, -(-(int(lengths.max()) + max(p.max_tokens for p in params)) // CACHE_ROUND)
-                    * CACHE_ROUND)
+        # Cache slots: a power of two (>= 256) covering prompt + max_tokens, so different lengths and
+        # max_tokens inside one bucket reuse one compiled program.
+        slots = min(self.max_model_len, _bucket(int(lengths.max()) + max(p.max_tokens for p in params), CACHE_ROUND))
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Callable, Sequence
@@ -90,7 +91,21 @@ class LLM:
 
     def _generate_on_engine(self, ids, params, on_text) -> list[Completion]:
         eng = self.engine()
-        rids = [eng.add_request(p, sp) for p, sp in zip(ids, params)]
+        for p in ids:
+            self.generator.check_prompt(len(p))
+        # As the generator does: generation stops at the context's end rather than refusing.
+        params = [sp if len(p) + sp.max_tokens <= eng.max_model_len else
+                  dataclasses.replace(sp, max_tokens=eng.max_model_len - len(p)) for p, sp in zip(ids, params)]
+        rids = []
+        try:
+            for p, sp in zip(ids, params):
+                rids.append(eng.add_request(p, sp))
+            return self._run_engine(eng, ids, params, rids, on_text)
+        finally:  # an error half-way must not leave requests queued for the next call
+            for rid in rids:
+                eng.abort(rid)
+
+    def _run_engine(self, eng, ids, params, rids, on_text) -> list[Completion]:
         index = {rid: i for i, rid in enumerate(rids)}
         tokens = {rid: [] for rid in rids}
         texts = {rid: [] for rid in rids}

@@ -40,18 +40,21 @@ class SamplingParams:
         def bad(name, want):
             raise HyprjaxError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: {want}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        # Every value must also fit the int32/float32 arrays the device sampler takes.
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens < 2**31:
             bad("max_tokens", "must be an integer >= 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            bad("temperature", "must be >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 1e4):
+            bad("temperature", "must be in [0, 1e4]")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
             bad("top_k", "must be an integer >= 0 (0 or -1 = off)")
         if not (0 < self.top_p <= 1):
             bad("top_p", "must be in (0, 1]")
         if not (0 <= self.min_p <= 1):
             bad("min_p", "must be in [0, 1]")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            bad("repetition_penalty", "must be > 0")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 1e4):
+            bad("repetition_penalty", "must be in (0, 1e4]")
+        if self.seed is not None and not _is_int(self.seed):
+            bad("seed", "must be an integer")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 bad(name, "must be in [-2, 2]")
@@ -59,6 +62,12 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @jax.tree_util.register_dataclass

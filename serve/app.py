@@ -105,6 +105,9 @@ class _Server:
         return JSONResponse({"object": "list", "data": self.names.cards()})
 
     async def health(self, request: Request) -> Response:
+        error = getattr(self.engine, "error", None)
+        if error is not None:  # the engine loop died: not "loading", and retrying will not help
+            return JSONResponse({"status": "error", "reason": f"{type(error).__name__}: {error}"}, status_code=500)
         if not self.engine.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -129,6 +132,8 @@ class _Server:
 
     async def _generate(self, kind: str, body: dict, arrival: float) -> Response:
         chat = kind == "chat"
+        if getattr(self.engine, "error", None) is not None:
+            raise internal_error()
         if not self.engine.ready:  # the context length and the compiled steps are not there yet
             raise overloaded("the model is still loading and compiling; retry shortly")
         req: ChatRequest | CompletionRequest = parse_chat(body) if chat else parse_completion(body)

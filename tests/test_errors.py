@@ -168,3 +168,35 @@ def test_prompt_longer_than_the_context_from_the_cli(model_dir, tmp_path, capsys
     msg = _cli_error(["generate", str(d), "-p", "one two three four five six seven eight nine ten",
                       "--max-model-len", "8"], capsys)
     assert "tokens, but the context holds 8" in msg
+
+
+def test_gguf_header_faults_name_the_cause(tmp_path, capsys):
+    f = tmp_path / "m.gguf"
+    _write_gguf(f)
+    data = bytearray(f.read_bytes())
+    data[4:8] = (4).to_bytes(4, "little")  # a GGUF version we do not read
+    f.write_bytes(bytes(data))
+    msg = _cli_error(["info", str(f)], capsys)
+    assert "GGUF version 4 is not supported" in msg and "corrupt" not in msg
+    w = gguf.GGUFWriter(str(f), "qwen3")
+    w.add_uint32("general.alignment", 0)
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert "general.alignment=0" in _cli_error(["info", str(f)], capsys)
+
+
+def test_safetensors_header_that_lies_about_sizes(model_dir, tmp_path):
+    import struct
+
+    d = _copy(model_dir, tmp_path)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    header[name]["shape"] = [header[name]["shape"][0] * 2]
+    text = json.dumps(header).encode()
+    text += b" " * (n - len(text)) if len(text) <= n else b""
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(ModelFileError, match="model.norm.weight' spans .* bytes, but shape"):
+        load_model(d, with_tokenizer=False, progress=False)

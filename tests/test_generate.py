@@ -92,6 +92,7 @@ def test_no_recompile_for_new_prompts_inside_a_bucket(tiny):
     g.generate([[20, 30]], [SamplingParams(max_tokens=6, seed=1, stop=("zz",))])  # batch bucket 1: compiles
     n_after_new_bucket = len(compiles)
     g.generate([[21, 31, 41]], [SamplingParams(max_tokens=5, min_p=0.2)])
+    g.generate([[21, 31, 41, 51, 61]], [SamplingParams(max_tokens=100, temperature=0.0)])  # same cache bucket
     assert len(compiles) == n_after_new_bucket
     assert n_after_new_bucket <= 2  # only the new batch-1 prefill and decode
 

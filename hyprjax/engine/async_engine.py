@@ -139,8 +139,22 @@ class AsyncEngine:
                     self.engine.add_request(ids, params, request_id=rid, logprobs=logprobs)
                 except HyprjaxError as e:
                     self._send(rid, e)
-            else:
-                self.engine.abort(msg[1])
+            else:  # tell a reader still there that it ended, then forget the stream
+                rid = msg[1]
+                out = self.engine.abort(rid)
+                if out is not None:
+                    self._send(rid, out)
+                with self._lock:
+                    self._streams.pop(rid, None)
+
+    def _fail_all(self, e: BaseException) -> None:
+        """A step raised (an engine bug): end every live request with the error, keep serving."""
+        log.exception("engine step failed; aborting the requests in flight")
+        with self._lock:
+            rids = list(self._streams)
+        for rid in rids:
+            self.engine.abort(rid)
+            self._send(rid, RuntimeError(f"the engine failed this request: {type(e).__name__}: {e}"))
 
     def _loop(self) -> None:
         try:
@@ -150,9 +164,14 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    self._fail_all(e)
+                    continue
+                for out in outputs:
                     self._send(out.request_id, out)
-        except BaseException as e:  # an engine bug: fail every stream loudly, keep the reason
+        except BaseException as e:  # the loop itself broke: fail every stream loudly, keep the reason
             log.exception("engine loop crashed")
             self.error = e
             with self._lock:

@@ -31,8 +31,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"engine setting {name} must be a positive integer, got {value!r}")
-        if self.num_pages is not None and self.num_pages < 2:
-            raise ConfigError(f"engine setting num_pages must be >= 2, got {self.num_pages}")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ConfigError(f"engine setting num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ConfigError(f"engine setting max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not isinstance(self.max_logprobs, int) or not 1 <= self.max_logprobs <= 64:
+            raise ConfigError(f"engine setting max_logprobs must be in [1, 64], got {self.max_logprobs!r}")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
         if self.max_num_batched_tokens < self.max_num_seqs:

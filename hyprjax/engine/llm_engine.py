@@ -89,8 +89,8 @@ class LLMEngine:
                                                    ecfg.max_prefill_seqs), self.block_manager)
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,
                                   backend=self.backend, interpret=interpret)
-        log.info("KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, ecfg.page_size,
-                 num_pages * page_bytes / 2**20)
+        log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
+                 ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
         self._requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
@@ -122,14 +122,15 @@ class LLMEngine:
         rid = request_id or uuid.uuid4().hex
         if rid in self._requests:
             raise HyprjaxError(f"request_id {rid!r} is already in use")
+        # Build everything first and hand the sequence to the scheduler last: a failure leaves nothing.
         seq = Sequence(rid, list(prompt_token_ids), params)
-        self.scheduler.add(seq)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos())
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else NullDecoder()
         seed = params.seed if params.seed is not None else fresh_seed()
         key = np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)), np.uint32)
-        self._requests[rid] = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key,
-                                       logprobs)
+        request = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key, logprobs)
+        self.scheduler.add(seq)
+        self._requests[rid] = request
         self.prompt_tokens_total += len(prompt_token_ids)
         return rid
 

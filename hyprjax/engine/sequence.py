@@ -1,8 +1,9 @@
 """One request's state as the engine sees it: tokens, progress through the KV cache, pages, slot.
 
 The model never sees a `Sequence`; the runner reads `block_table`, `num_computed_tokens` and
-`slot` to pack arrays. Only the scheduler changes `status`, `slot` and `num_computed_tokens`;
-only the block manager changes `block_table` and `num_cached_tokens`.
+`slot` to pack arrays. The scheduler changes `status`, `slot` and `num_computed_tokens` (the
+block manager sets the latter at admission, to the prefix-cache hits); only the block manager
+changes `block_table` and `num_cached_tokens`.
 """
 
 from __future__ import annotations

@@ -48,9 +48,13 @@ class GGUFFile:
             try:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                     self.metadata, infos, end = _parse_header(buf, self.path)
+            except ModelFileError:
+                raise
             except (struct.error, ValueError, IndexError) as e:
                 raise ModelFileError(f"{self.path}: truncated or corrupt GGUF header ({e})") from None
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ModelFileError(f"{self.path}: general.alignment={align!r} must be a positive power of two")
         base = -(-end // align) * align
         self._tensors: dict[str, _TensorInfo] = {}
         for name, dims, type_id, offset in infos:

@@ -40,15 +40,25 @@ class SafeTensorsFile:
                 header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{self.path}: corrupt SafeTensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ModelFileError(f"{self.path}: corrupt SafeTensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self._base = 8 + n
         self._info = header
         for name, info in header.items():
-            end = self._base + info["data_offsets"][1]
-            if end > size:
-                raise ModelFileError(f"{self.path}: truncated: tensor {name!r} ends at byte {end}, file has {size}")
-            if info["dtype"] not in _DTYPES:
-                raise ModelFileError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            try:
+                dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFileError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            if dtype not in _DTYPES:
+                raise ModelFileError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            if self._base + end > size:
+                raise ModelFileError(f"{self.path}: truncated: tensor {name!r} ends at byte {self._base + end}, "
+                                     f"file has {size}")
+            want = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+            if end - start != want:
+                raise ModelFileError(f"{self.path}: tensor {name!r} spans {end - start} bytes, but shape {shape} "
+                                     f"of {dtype} needs {want}")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 
     def names(self) -> list[str]:
@@ -72,7 +82,10 @@ class SafeTensorsDir:
         d = Path(directory)
         index = d / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ModelFileError(f"{index}: not a valid index (needs a 'weight_map' object: {e})") from None
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (d / f).exists()]
             if missing:

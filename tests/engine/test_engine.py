@@ -120,6 +120,18 @@ def test_preemption_under_a_tiny_pool_completes_every_request(tiny, engine):
     assert small.block_manager.num_used_pages == 0
 
 
+def test_penalties_and_seeds_survive_preemption(tiny, engine):
+    _, lm = tiny
+    small = LLMEngine(lm.model, lm.cfg, None, EngineConfig(num_pages=14, **BASE), progress=False)
+    prompts = _prompts(6, seed=9, lo=20, hi=40)
+    params = [SamplingParams(max_tokens=24, temperature=0.9, seed=i, repetition_penalty=1.4, presence_penalty=0.6,
+                             frequency_penalty=0.4, ignore_eos=True) for i in range(6)]
+    results = _serve(small, prompts, params)
+    assert small.stats()["num_preemptions_total"] > 0
+    for p, sp, (tokens, _) in zip(prompts, params, results):
+        assert tokens == _serve(engine, [p], sp)[0][0]
+
+
 def test_abort_frees_pages_and_bad_requests_are_refused(engine):
     rid = engine.add_request(_prompts(1, seed=8, lo=50, hi=51)[0], SamplingParams(max_tokens=50))
     engine.step()

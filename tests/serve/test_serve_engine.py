@@ -57,7 +57,8 @@ def test_chat_and_completions_equal_offline_generation(client, loaded):
     ids = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(msgs), add_special_tokens=False)
     ref = _offline(loaded, ids, 12)
     assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
-    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens >= len(ref.token_ids)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(ref.token_ids) + (ref.finish_reason == "stop")  # + the end token
     c = client.completions.create(model="tiny", prompt="The weather today", max_tokens=10, temperature=0)
     assert c.choices[0].text == _offline(loaded, loaded.tokenizer.encode("The weather today"), 10).text
 
@@ -126,6 +127,13 @@ def test_client_disconnect_mid_stream_frees_pages(make_server, engine):
     while time.monotonic() < deadline and (engine.engine.has_unfinished() or engine.engine.block_manager.num_used_pages):
         time.sleep(0.1)
     assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_pages == 0
+
+
+def test_a_bad_request_does_not_hurt_the_next_one(client):
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"top_k": 10**12})
+    ok = client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("length", "stop")
 
 
 def test_loading_server_answers_503(make_server, make_client, loaded):
