@@ -86,19 +86,26 @@ class SamplingArrays:
 
     @classmethod
     def build(cls, params: list[SamplingParams], batch: int, seeds: list[int]) -> "SamplingArrays":
-        """Pack `params` (padded to `batch` rows with greedy dummies)."""
+        """Pack `params` (padded to `batch` rows with greedy dummies), keys from `seeds`."""
         pad = [SamplingParams(temperature=0.0)] * (batch - len(params))
-        rows = list(params) + pad
-        seeds = list(seeds) + [0] * len(pad)
+        keys = np.stack([seed_key(s) for s in list(seeds) + [0] * len(pad)])
+        return cls.from_rows(list(params) + pad, keys)
 
-        def col(name, dtype):
-            return jnp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
+    @classmethod
+    def from_rows(cls, rows: list[SamplingParams], keys: np.ndarray) -> "SamplingArrays":
+        """One row per SamplingParams; keys u32[B, 2]. Host arrays go in with device_put (no compile)."""
+        def col(name, dtype, fn=lambda v: v):
+            return jax.device_put(np.array([fn(getattr(p, name)) for p in rows], dtype=dtype))
 
-        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s % 2**32))) for s in seeds])
-        return cls(col("temperature", np.float32), jnp.asarray(np.array([max(p.top_k, 0) for p in rows], np.int32)),
+        return cls(col("temperature", np.float32), col("top_k", np.int32, lambda k: max(k, 0)),
                    col("top_p", np.float32), col("min_p", np.float32), col("repetition_penalty", np.float32),
                    col("presence_penalty", np.float32), col("frequency_penalty", np.float32),
-                   jnp.asarray(keys.astype(np.uint32)))
+                   jax.device_put(np.asarray(keys, np.uint32)))
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The raw threefry key data u32[2] of a request's seed."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)), np.uint32)
 
 
 def apply_penalties(logits, s: SamplingArrays, counts, seen):

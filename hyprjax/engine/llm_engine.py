@@ -19,7 +19,7 @@ from flax import nnx
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
-from ..sampling import SamplingParams, fresh_seed
+from ..sampling import SamplingParams, fresh_seed, seed_key
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .runner import ModelRunner, RowRequest
@@ -127,7 +127,7 @@ class LLMEngine:
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos())
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else NullDecoder()
         seed = params.seed if params.seed is not None else fresh_seed()
-        key = np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)), np.uint32)
+        key = seed_key(seed)
         request = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key, logprobs)
         self.scheduler.add(seq)
         self._requests[rid] = request

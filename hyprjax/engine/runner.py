@@ -184,7 +184,7 @@ class ModelRunner:
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
                          put(active), put(np.asarray(want_lp)))
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
-        return inp, _sampling_arrays(params, keys), order
+        return inp, SamplingArrays.from_rows(params, keys), order
 
     # ---- running --------------------------------------------------------------------------
 
@@ -211,8 +211,8 @@ class ModelRunner:
             bar.set_postfix_str(f"decode={d} prefill={p}")
             inp = self._padding_inputs(d, p)
             out = self._step(self.state, self.cache, self.counts, self.seen, inp,
-                             _sampling_arrays([_GREEDY] * inp.row_slot.shape[0],
-                                              np.zeros((inp.row_slot.shape[0], 2), np.uint32)))
+                             SamplingArrays.from_rows([_GREEDY] * inp.row_slot.shape[0],
+                                                      np.zeros((inp.row_slot.shape[0], 2), np.uint32)))
             _, _, _, _, self.cache, self.counts, self.seen = out
         n = 64
         while True:  # admit buckets: ids padded to powers of two >= 64
@@ -247,14 +247,3 @@ def _pad_ids(ids: list[int], total: int) -> np.ndarray:
     out = np.full(n, -1, np.int32)
     out[:len(ids)] = ids
     return out
-
-
-def _sampling_arrays(params: list[SamplingParams], keys: np.ndarray) -> SamplingArrays:
-    def col(name, dtype):
-        return jax.device_put(np.array([getattr(p, name) for p in params], dtype=dtype))
-
-    return SamplingArrays(col("temperature", np.float32),
-                          jax.device_put(np.array([max(p.top_k, 0) for p in params], np.int32)),
-                          col("top_p", np.float32), col("min_p", np.float32), col("repetition_penalty", np.float32),
-                          col("presence_penalty", np.float32), col("frequency_penalty", np.float32),
-                          jax.device_put(keys))
