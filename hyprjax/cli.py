@@ -13,18 +13,9 @@ import sys
 import time
 
 from .errors import HyprjaxError
+from .serve.main import positive_int
 
 EXIT_USAGE = 2
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
-    p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 

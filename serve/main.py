@@ -27,7 +27,8 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -51,17 +52,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     eng = parser.add_argument_group("serving engine")
     if "--max-model-len" not in parser._option_string_actions:  # the CLI's shared model flags may have it
-        eng.add_argument("--max-model-len", type=_positive, default=None, metavar="N",
+        eng.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                          help="context length in tokens (prompt + output) per request; default: the model's own")
-    eng.add_argument("--max-num-seqs", type=_positive, default=32, metavar="N",
+    eng.add_argument("--max-num-seqs", type=positive_int, default=32, metavar="N",
                      help="most requests decoded together in one batch (default 32)")
-    eng.add_argument("--max-num-batched-tokens", type=_positive, default=None, metavar="N",
+    eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None, metavar="N",
                      help="most tokens (prefill chunks + decodes) in one engine step; longer prompts are "
                           "prefilled in chunks (default: the engine's choice)")
-    eng.add_argument("--page-size", type=_positive, default=16, metavar="TOKENS",
+    eng.add_argument("--page-size", type=positive_int, default=16, metavar="TOKENS",
                      help="tokens per KV cache page (default 16)")
     kv = eng.add_mutually_exclusive_group()
-    kv.add_argument("--num-pages", type=_positive, default=None, metavar="N",
+    kv.add_argument("--num-pages", type=positive_int, default=None, metavar="N",
                     help="KV cache pages to allocate (capacity = N x page size tokens over all requests)")
     kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
                     help="memory for the KV cache, e.g. 2GiB or 512MiB; sets the number of pages "
@@ -69,7 +70,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--attention-backend", choices=["auto", "xla", "pallas"], default="auto",
                      help="paged attention: pallas kernels (GPU/TPU), xla (plain jnp, the CPU path), or auto "
                           "(pallas on GPU/TPU, xla on CPU; resolved once at start-up and logged)")
-    eng.add_argument("--max-queue", type=_positive, default=256, metavar="N",
+    eng.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                      help="requests allowed to wait for a batch slot; beyond this the server answers "
                           "503 with Retry-After (default 256)")
 
