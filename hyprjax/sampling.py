@@ -150,11 +150,16 @@ def sample(logits, s: SamplingArrays, counts, seen, step):
     return jnp.where(s.temperature > 0, drawn, greedy)
 
 
-def record(tokens, counts, seen, active):
-    """Count the sampled tokens i32[B] (rows with active=False are not counted)."""
-    rows = jnp.arange(tokens.shape[0])
-    add = active.astype(counts.dtype)
-    return counts.at[rows, tokens].add(add), seen.at[rows, tokens].set(seen[rows, tokens] | active)
+def record(tokens, counts, seen, active, rows=None):
+    """Count the sampled tokens i32[B] into table rows `rows` (default: row b for token b).
+
+    Inactive rows write out of bounds and are dropped, so a padding row that shares a table row
+    with a live one cannot undo its write.
+    """
+    if rows is None:
+        rows = jnp.arange(tokens.shape[0])
+    rows = jnp.where(active, rows, counts.shape[0])
+    return counts.at[rows, tokens].add(1, mode="drop"), seen.at[rows, tokens].set(True, mode="drop")
 
 
 def fresh_seed() -> int:

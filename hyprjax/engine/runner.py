@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..model import PagedMeta, init_paged_cache
-from ..sampling import SamplingArrays, SamplingParams, sample
+from ..sampling import SamplingArrays, SamplingParams, record, sample
 from .config import EngineConfig
 
 log = logging.getLogger("hyprjax.engine")
@@ -49,11 +49,7 @@ def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: Sampl
     logits, cache = model(inp.tokens[None], inp.positions[None], cache, logit_index=inp.logit_index, meta=inp.meta)
     rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
     tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
-    # Record the sampled tokens in their slots' penalty rows (inactive rows write out of bounds).
-    m = counts.shape[0]
-    slot = jnp.where(inp.row_active, inp.row_slot, m)
-    counts = counts.at[slot, tokens].add(1, mode="drop")
-    seen = seen.at[slot, tokens].set(True, mode="drop")
+    counts, seen = record(tokens, counts, seen, inp.row_active, inp.row_slot)  # into the slots' penalty rows
 
     def with_logprobs(logits):
         logp = jax.nn.log_softmax(logits, axis=-1)
