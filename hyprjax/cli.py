@@ -181,6 +181,7 @@ def cmd_serve(args) -> int:
     from .engine.async_engine import AsyncEngine
     from .engine.config import EngineConfig
     from .engine.llm_engine import LLMEngine
+    from .adapters.load import read_adapter
     from .formats.load import load_model
     from .llm import resolve_dtype
     from .serve.app import create_app
@@ -188,21 +189,34 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     source = _model_arg(args)
+    if len({n for n, _ in args.lora}) != len(args.lora):
+        raise HyprjaxError(f"--lora names an adapter twice: {[n for n, _ in args.lora]}")
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise HyprjaxError(f"--lora-dir {args.lora_dir}: no such directory")
+    max_loras = args.max_loras if args.max_loras is not None else (8 if args.lora or args.lora_dir else 0)
+    if max_loras < 0 or (max_loras == 0 and (args.lora or args.lora_dir)):
+        raise HyprjaxError(f"--max-loras {max_loras}: serving adapters needs at least one slot")
+    print(f"loading {source} ...", file=sys.stderr)
+    loaded = load_model(source, dtype=resolve_dtype(args.dtype))  # bad files fail here, before serving
+    adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
+    max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens or max(256, args.max_num_seqs),
                         page_size=args.page_size, num_pages=args.num_pages,
                         kv_cache_memory=args.kv_cache_memory or EngineConfig.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                        max_queue=args.max_queue)
-    print(f"loading {source} ...", file=sys.stderr)
-    loaded = load_model(source, dtype=resolve_dtype(args.dtype))  # bad files fail here, before serving
+                        max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank)
     names = args.served_model_name or [loaded.path.stem if loaded.path.is_file() else loaded.path.name]
     front = AsyncEngine(None, names[0], tokenizer=loaded.tokenizer)
-    app = create_app(front, api_key=args.api_key, served_model_names=names)
+    app = create_app(front, api_key=args.api_key, served_model_names=names, lora_paths=[p for _, p in args.lora],
+                     lora_dir=args.lora_dir)
 
     def build():  # compile the step buckets while /health answers 503
         try:
-            front.attach(LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg))
+            engine = LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg)
+            for adapter in adapters:
+                engine.add_adapter(adapter)
+            front.attach(engine)
             print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r}, context "
                   f"{front.max_model_len} tokens)", file=sys.stderr)
         except HyprjaxError as e:  # a setting the engine refuses: one line, then stop the server

@@ -35,13 +35,15 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
-                 decode_chunk: int = 16, max_batch: int = 32, progress: bool = True):
+                 decode_chunk: int = 16, max_batch: int = 32, progress: bool = True, max_loras: int = 8,
+                 max_lora_rank: int = 16):
         loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress)
         self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
         self.model = loaded.model
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    decode_chunk=decode_chunk, max_batch=max_batch)
         self._engine = None
+        self._lora_limits = (max_loras, max_lora_rank)
 
     @property
     def max_model_len(self) -> int:
@@ -65,31 +67,47 @@ class LLM:
             from .engine.config import EngineConfig
             from .engine.llm_engine import LLMEngine
 
-            config = config or EngineConfig(max_model_len=self.max_model_len)
+            config = config or EngineConfig(max_model_len=self.max_model_len, max_loras=self._lora_limits[0],
+                                            max_lora_rank=self._lora_limits[1])
             self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False)
         return self._engine
 
+    def load_lora(self, name: str, path: str | os.PathLike) -> None:
+        """Load a PEFT directory or llama.cpp LoRA GGUF under `name` for `generate(..., lora=...)`."""
+        from .adapters.load import read_adapter
+
+        eng = self.engine()
+        eng.add_adapter(read_adapter(path, name, self.cfg, eng.ecfg.max_lora_rank))
+
+    def unload_lora(self, name: str) -> None:
+        self.engine().remove_adapter(name)
+
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 on_text: Callable[[int, str], None] | None = None, use_engine: bool = False) -> list[Completion]:
+                 on_text: Callable[[int, str], None] | None = None, use_engine: bool = False,
+                 lora=None) -> list[Completion]:
         """Complete each prompt (text or token ids). `params` is one for all or one per prompt.
 
         `use_engine=True` runs them through the paged engine instead of the contiguous-cache
         generator: many prompts of mixed lengths then flow through continuous batching.
+        `lora` (one for all, or a list with one per prompt) picks adapters loaded with
+        `load_lora`: None (base model), a name, a {name: weight} mix, or a LoraRequest (for
+        merge strategies); prompts with different adapters run in one batch on the engine.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
         params = _per_prompt(params, len(ids))
-        if use_engine:
-            out = self._generate_on_engine(ids, params, on_text)
+        loras = _per_prompt_lora(lora, len(ids))
+        if use_engine or any(r is not None for r in loras):
+            out = self._generate_on_engine(ids, params, on_text, loras)
         else:
             out = self.generator.generate(ids, params, on_text=on_text)
         for c, p in zip(out, prompts):
             c.prompt = p if isinstance(p, str) else None
         return out
 
-    def _generate_on_engine(self, ids, params, on_text) -> list[Completion]:
+    def _generate_on_engine(self, ids, params, on_text, loras) -> list[Completion]:
         eng = self.engine()
         for p in ids:
             self.generator.check_prompt(len(p))
@@ -98,8 +116,8 @@ class LLM:
                   dataclasses.replace(sp, max_tokens=eng.max_model_len - len(p)) for p, sp in zip(ids, params)]
         rids = []
         try:
-            for p, sp in zip(ids, params):
-                rids.append(eng.add_request(p, sp))
+            for p, sp, lr in zip(ids, params, loras):
+                rids.append(eng.add_request(p, sp, lora=lr))
             return self._run_engine(eng, ids, params, rids, on_text)
         finally:  # an error half-way must not leave requests queued for the next call
             for rid in rids:
@@ -155,3 +173,24 @@ def _per_prompt(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise HyprjaxError(f"got {len(params)} SamplingParams for {n} prompts")
     return params
+
+
+def _lora_request(spec):
+    from .adapters.registry import LoraRequest
+
+    if spec is None or isinstance(spec, LoraRequest):
+        return spec
+    if isinstance(spec, str):
+        return LoraRequest.make([spec])
+    if isinstance(spec, dict):
+        return LoraRequest.make(list(spec), spec)
+    raise HyprjaxError(f"lora={spec!r}: give an adapter name, a {{name: weight}} dict or a LoraRequest")
+
+
+def _per_prompt_lora(lora, n: int) -> list:
+    """One LoraRequest (or None) per prompt from one spec for all or a list of n specs."""
+    if isinstance(lora, (list, tuple)):
+        if len(lora) != n:
+            raise HyprjaxError(f"lora has {len(lora)} entries for {n} prompts: give one, or one per prompt")
+        return [_lora_request(s) for s in lora]
+    return [_lora_request(lora)] * n

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .kernels.lora import LoraPairs, lora_apply
 from .kernels.paged_attention import paged_attention
 from .rope import apply_rope, rope_frequencies
 
@@ -59,6 +60,43 @@ class PagedMeta:
 jax.tree_util.register_dataclass(
     PagedMeta, data_fields=["slot_mapping", "dec_block_seq", "pf_block_seq", "page_table", "context_lens"],
     meta_fields=["block_q", "backend", "interpret"])
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LoraStep:
+    """A paged step's adapter work: (token block, slot, weight) pairs per region (kernels/lora.py).
+
+    Decode pairs are one token each, starting in [0, Td); prefill pairs are `block_q`-token
+    blocks with starts counted from the first prefill token.
+    """
+
+    tables: dict  # {module: (a f[L, S, din, R], b f[L, S, R, dout])} (adapters/registry.py)
+    dec: LoraPairs
+    pf: LoraPairs
+
+
+class LayerLora(NamedTuple):
+    """One layer's view of a LoraStep, handed down to its linear layers."""
+
+    layer: int
+    step: LoraStep
+    meta: PagedMeta
+
+    def __call__(self, name: str, x, y):
+        """y [1, T, dout] + the LoRA deltas of module `name` for x [1, T, din]."""
+        if name not in self.step.tables:
+            return y
+        a, b = self.step.tables[name]
+        meta = self.meta
+        out = lora_apply(y[0], x[0], a[self.layer], b[self.layer], self.step.dec, self.step.pf,
+                         td=meta.dec_block_seq.shape[0], block_q=meta.block_q, backend=meta.backend,
+                         interpret=meta.interpret)
+        return out[None]
+
+
+def _no_lora(name, x, y):
+    return y
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
@@ -118,15 +156,16 @@ class Attention(nnx.Module):
         self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
         self.softcap = cfg.attn_logit_softcap
 
-    def __call__(self, x, positions, cache, kv_len=None, meta: PagedMeta | None = None):
+    def __call__(self, x, positions, cache, kv_len=None, meta: PagedMeta | None = None, lora=_no_lora):
         """x: [B, T, D], positions: i32[B, T] (negative = padding, not written) -> ([B, T, D], cache).
 
-        With a PagedLayerCache, B is 1 and `meta` says where each token lives and what it sees.
+        With a PagedLayerCache, B is 1 and `meta` says where each token lives and what it sees;
+        `lora` (a LayerLora) adds each token's adapter deltas to the projections.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = lora("q_proj", x, self.q_proj(x)).reshape(b, t, self.num_heads, self.head_dim)
+        k = lora("k_proj", x, self.k_proj(x)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = lora("v_proj", x, self.v_proj(x)).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq, rope_scale = rope_frequencies(*self.rope)
@@ -139,7 +178,8 @@ class Attention(nnx.Module):
             cache = write_cache(cache, k, v, positions)
             out = cached_attention(q, cache, positions, scale=self.scale, window=self.window, softcap=self.softcap,
                                    kv_len=kv_len)
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        out = out.reshape(b, t, -1)
+        return lora("o_proj", out, self.o_proj(out)), cache
 
     def _paged(self, q, cache: PagedLayerCache, positions, meta: PagedMeta):
         """q [T, N, H] -> [T, N, H]: decode tokens with block_q=1, prefill blocks with meta.block_q."""
@@ -217,10 +257,11 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
         self.gelu = cfg.activation == "gelu_tanh"
 
-    def __call__(self, x):
-        g = self.gate_proj(x)
+    def __call__(self, x, lora=_no_lora):
+        g = lora("gate_proj", x, self.gate_proj(x))
         g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
-        return self.down_proj(g * self.up_proj(x))
+        h = g * lora("up_proj", x, self.up_proj(x))
+        return lora("down_proj", h, self.down_proj(h))
 
 
 class Block(nnx.Module):
@@ -236,12 +277,12 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def __call__(self, x, positions, cache, kv_len=None, meta=None):
-        h, cache = self.attn(self.attn_norm(x), positions, cache, kv_len, meta)
+    def __call__(self, x, positions, cache, kv_len=None, meta=None, lora=_no_lora):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, kv_len, meta, lora)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), lora)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h, cache
@@ -259,9 +300,11 @@ class Model(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(d, cfg.vocab_size, bias=False, dtype=dtype,
                                                                     rngs=rngs)
 
-    def __call__(self, tokens, positions, cache: KVCache, logit_index=None, kv_len=None, meta=None):
+    def __call__(self, tokens, positions, cache: KVCache, logit_index=None, kv_len=None, meta=None,
+                 lora: LoraStep | None = None):
         """tokens, positions: i32[B, T]; logit_index: i32[B] or None; kv_len: static bound on visible slots;
-        meta: PagedMeta when `cache` is paged (then B = 1 and logit_index indexes the T tokens, i32[R]).
+        meta: PagedMeta when `cache` is paged (then B = 1 and logit_index indexes the T tokens, i32[R]);
+        lora: the step's adapter pairs and slot tables (paged steps only; None = base model).
 
         Returns (logits f32[B, T, V] or, with logit_index, f32[B or R, V] at those tokens; cache).
         """
@@ -269,8 +312,11 @@ class Model(nnx.Module):
         if self.cfg.embed_scale:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, layer_cache, kv_len, meta)
+        if lora is not None and meta is None:
+            raise ValueError("LoRA deltas need a paged step (meta)")
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
+            layer_lora = _no_lora if lora is None else LayerLora(i, lora, meta)
+            x, layer_cache = layer(x, positions, layer_cache, kv_len, meta, layer_lora)
             new_cache.append(layer_cache)
         if logit_index is not None and meta is not None:
             x = jnp.take(x[0], logit_index, axis=0)  # [R, D]: each sequence's last token

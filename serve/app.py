@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -25,8 +26,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import responses as R
-from .engine_api import Engine, HyprjaxError, PromptTooLongError, QueueFullError
-from .errors import APIError, bad_request, internal_error, model_not_found, overloaded, unauthorized
+from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, Engine, HyprjaxError, LoraRequest,
+                         PromptTooLongError, QueueFullError, check_allowed)
+from .errors import (APIError, adapter_not_found, bad_request, forbidden, internal_error, model_not_found,
+                     overloaded, unauthorized)
 from .metrics import ServerMetrics
 from .protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, parse_chat, parse_completion, \
     params_for
@@ -35,13 +38,18 @@ from .streams import ChoiceStreams
 logger = logging.getLogger("hyprjax.serve")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None,
-               served_model_names: list[str] | None = None) -> Starlette:
-    """A Starlette app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer KEY`."""
-    server = _Server(engine, api_key, served_model_names or [engine.model_name])
+def create_app(engine: Engine, *, api_key: str | None = None, served_model_names: list[str] | None = None,
+               lora_paths: list[str] | None = None, lora_dir: str | None = None) -> Starlette:
+    """A Starlette app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer KEY`.
+
+    Runtime adapter loads may name only `lora_paths` (the --lora paths) or paths inside `lora_dir`.
+    """
+    server = _Server(engine, api_key, served_model_names or [engine.model_name], list(lora_paths or []), lora_dir)
     routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
               Route("/v1/completions", server.completions, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),
+              Route("/v1/load_lora_adapter", server.load_lora_adapter, methods=["POST"]),
+              Route("/v1/unload_lora_adapter", server.unload_lora_adapter, methods=["POST"]),
               Route("/health", server.health, methods=["GET"]),
               Route("/metrics", server.metrics_endpoint, methods=["GET"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
@@ -50,42 +58,46 @@ def create_app(engine: Engine, *, api_key: str | None = None,
 
 
 class ModelNames:
-    """The names requests may ask for: the base model's, and LoRA adapters with their parent.
+    """The names requests may ask for: the base model's, and the engine's LoRA adapters.
 
-    `adapters` (name -> parent base name) is the hook for the adapter registry: whatever fills it
-    makes those names listed in /v1/models with "parent" set and accepted as `model`.
+    Adapters are read from the engine on each call (`adapters()`: name -> path), so hot loads
+    and unloads show at once; each is listed in /v1/models with its path as "root" and the base
+    model as "parent", and accepted as `model` (vLLM's convention).
     """
 
-    def __init__(self, names: list[str], root: str, max_model_len: int):
+    def __init__(self, names: list[str], root: str, max_model_len: int, adapters=lambda: {}):
         if not names:
             raise ValueError("served_model_names=[]: serve at least one name")
         self.names, self.root, self.max_model_len = list(names), root, max_model_len
-        self.adapters: dict[str, str] = {}
+        self.adapters = adapters
         self.created = int(time.time())
 
     def resolve(self, requested: str | None) -> str:
         """The model name to answer with; 404 for a name not served."""
         if requested is None:
             return self.names[0]
-        if requested in self.names or requested in self.adapters:
+        if requested in self.names or requested in self.adapters():
             return requested
         raise model_not_found(requested)
 
     def cards(self) -> list[dict]:
-        def card(name, parent):
+        def card(name, root, parent):
             return {"id": name, "object": "model", "created": self.created, "owned_by": "hyprjax",
-                    "root": self.root, "parent": parent, "max_model_len": self.max_model_len}
+                    "root": root, "parent": parent, "max_model_len": self.max_model_len}
 
-        return [card(n, None) for n in self.names] + [card(n, p) for n, p in self.adapters.items()]
+        return [card(n, self.root, None) for n in self.names] + [
+            card(n, path, self.names[0]) for n, path in sorted(self.adapters().items())]
 
 
 class _Server:
     """The handlers of one app, sharing its engine, names, key and metrics."""
 
-    def __init__(self, engine: Engine, api_key: str | None, names: list[str]):
+    def __init__(self, engine: Engine, api_key: str | None, names: list[str], lora_paths: list[str],
+                 lora_dir: str | None):
         self.engine = engine
         self.api_key = api_key
-        self.names = ModelNames(names, engine.model_name, engine.max_model_len)
+        self.lora_paths, self.lora_dir = lora_paths, lora_dir
+        self.names = ModelNames(names, engine.model_name, engine.max_model_len, engine.adapters)
         self.metrics = ServerMetrics(engine)
         decode = engine.tokenizer.decode
         # Logprob entries show each token on its own, special tokens included.
@@ -103,6 +115,51 @@ class _Server:
             return unauthorized().response()
         self.names.max_model_len = self.engine.max_model_len  # known once the engine has loaded
         return JSONResponse({"object": "list", "data": self.names.cards()})
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """{"lora_name", "lora_path"}: read the adapter and make it servable (vLLM's endpoint)."""
+        async def load(body):
+            name = _required_str(body, "lora_name")
+            path = _required_str(body, "lora_path")
+            if name in self.names.names:
+                raise bad_request(f"'{name}' is the base model's name", param="lora_name")
+            if self.lora_dir is not None and not os.path.isabs(os.path.expanduser(path)):
+                path = os.path.join(self.lora_dir, path)  # relative names are inside --lora-dir
+            try:
+                resolved = check_allowed(path, self.lora_paths, self.lora_dir)
+            except AdapterPathError as e:
+                raise forbidden(str(e), param="lora_path") from None
+            await self.engine.load_adapter(name, str(resolved))
+            return JSONResponse({"object": "lora_adapter", "lora_name": name, "lora_path": str(resolved),
+                                 "status": "loaded"})
+
+        return await self._admin(request, load)
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """{"lora_name"}: refuse it to new requests now; answer once its running requests end."""
+        async def unload(body):
+            name = _required_str(body, "lora_name")
+            await self.engine.unload_adapter(name)
+            return JSONResponse({"object": "lora_adapter", "lora_name": name, "status": "unloaded"})
+
+        return await self._admin(request, unload)
+
+    async def _admin(self, request: Request, handle) -> Response:
+        try:
+            if not self._authorized(request):
+                raise unauthorized()
+            return await handle(await _json_body(request))
+        except APIError as e:
+            return e.response()
+        except AdapterNotFoundError as e:
+            return adapter_not_found(str(e), param="lora_name").response()
+        except QueueFullError as e:
+            return overloaded(str(e)).response()
+        except HyprjaxError as e:
+            return bad_request(str(e), param="lora_path").response()
+        except Exception:
+            logger.exception("%s failed", request.url.path)
+            return internal_error().response()
 
     async def health(self, request: Request) -> Response:
         error = getattr(self.engine, "error", None)
@@ -139,6 +196,12 @@ class _Server:
         req: ChatRequest | CompletionRequest = parse_chat(body) if chat else parse_completion(body)
         opts = req.options
         model = self.names.resolve(opts.model)
+        lora = opts.lora
+        if model not in self.names.names:  # the model field named an adapter
+            if lora is not None:
+                raise bad_request(f"'model' names the adapter '{model}' and 'lora_adapters' names "
+                                  f"{list(lora.adapters)}: name adapters in one place", param="lora_adapters")
+            lora = LoraRequest.make([model])
         prompts = await run_in_threadpool(self._chat_ids if chat else self._completion_ids, req)
         param = "messages" if chat else "prompt"
         default = None if chat else DEFAULT_COMPLETION_MAX_TOKENS
@@ -146,8 +209,14 @@ class _Server:
                                  prompt_param=param)) for ids in prompts for j in range(opts.n)]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            streams = await ChoiceStreams.start(self.engine, jobs, request_id=rid, logprobs=opts.logprobs,
-                                                timer=lambda: self.metrics.request(arrival, model_name=model))
+            label = None if lora is None else "+".join(sorted(lora.adapters))
+            streams = await ChoiceStreams.start(self.engine, jobs, request_id=rid, logprobs=opts.logprobs, lora=lora,
+                                                timer=lambda: self.metrics.request(arrival, model_name=model,
+                                                                                   lora_name=label))
+        except AdapterNotFoundError as e:
+            raise adapter_not_found(str(e), param="model" if opts.lora is None else "lora_adapters") from None
+        except AdapterError as e:
+            raise bad_request(str(e), param="lora_adapters") from None
         except QueueFullError as e:
             raise overloaded(str(e)) from None
         except PromptTooLongError as e:
@@ -264,6 +333,13 @@ class _EngineStreamResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
                 await self._streams.aclose()
+
+
+def _required_str(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"'{name}' is required and must be a non-empty string", param=name)
+    return value
 
 
 async def _json_body(request: Request) -> dict:

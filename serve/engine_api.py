@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from hyprjax.adapters.load import AdapterPathError, check_allowed
+from hyprjax.adapters.lora import AdapterError
+from hyprjax.adapters.registry import AdapterNotFoundError, LoraRequest
 from hyprjax.errors import HyprjaxError, PromptTooLongError
 from hyprjax.sampling import SamplingParams
 
 from hyprjax.engine.llm_engine import QueueFullError
 
-__all__ = ["Engine", "HyprjaxError", "PromptTooLongError", "QueueFullError", "RequestOutput", "SamplingParams"]
+__all__ = ["AdapterError", "AdapterNotFoundError", "AdapterPathError", "Engine", "HyprjaxError", "LoraRequest",
+           "PromptTooLongError", "QueueFullError", "RequestOutput", "SamplingParams", "check_allowed"]
 
 
 class TokenLogprob(Protocol):
@@ -47,13 +51,26 @@ class Engine(Protocol):
     ready: bool
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                 logprobs: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Enqueue one request; may raise PromptTooLongError / QueueFullError at the call or the first read.
-        Closing the iterator early aborts the request."""
+                 logprobs: int | None = None, lora: LoraRequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Enqueue one request; may raise PromptTooLongError / QueueFullError / AdapterNotFoundError /
+        AdapterError at the call or the first read. Closing the iterator early aborts the request."""
+        ...
+
+    def adapters(self) -> dict[str, str]:
+        """Adapters requests may name: name -> path."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read and register an adapter (AdapterError naming what is wrong)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse `name` to new requests now; return once its running requests have ended."""
         ...
 
     def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> dict:
-        """num_running, num_waiting, kv_cache_usage (0..1), num_preemptions_total, prefix_cache_hit_rate."""
+        """num_running, num_waiting, kv_cache_usage (0..1), num_preemptions_total, prefix_cache_hit_rate;
+        with adapters also lora_adapters_loaded, lora_slots_in_use, lora_evictions_total."""
         ...

@@ -41,6 +41,14 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found")
 
 
+def adapter_not_found(message: str, param: str) -> APIError:
+    return APIError(404, message, "invalid_request_error", param, "lora_not_found")
+
+
+def forbidden(message: str, param: str | None = None) -> APIError:
+    return APIError(403, message, "permission_error", param, "forbidden")
+
+
 def unauthorized() -> APIError:
     return APIError(401, "Missing or incorrect API key; send it as 'Authorization: Bearer KEY'.",
                     "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})

@@ -38,6 +38,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def lora_spec(text: str) -> tuple[str, str]:
+    """argparse type: NAME=PATH, or a bare PATH named after its file or directory."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        path = text
+        name = re.sub(r"\.gguf$", "", path.rstrip("/").split("/")[-1])
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=PATH (a PEFT directory or a LoRA .gguf)")
+    return name, path
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the HTTP server and serving-engine flags of `hyprjax serve` to `parser`."""
     http = parser.add_argument_group("HTTP server")
@@ -73,6 +84,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                      help="requests allowed to wait for a batch slot; beyond this the server answers "
                           "503 with Retry-After (default 256)")
+
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
+                      help="serve a LoRA adapter (a PEFT directory or a llama.cpp LoRA .gguf) under NAME; "
+                           "repeatable. Requests pick it with model=NAME or lora_adapters")
+    lora.add_argument("--lora-dir", default=None, metavar="DIR",
+                      help="adapters under DIR may be loaded at run time (POST /v1/load_lora_adapter); "
+                           "without it only the --lora paths may be")
+    lora.add_argument("--max-loras", type=int, default=None, metavar="N",
+                      help="adapters (or merged mixes) on the device at once, each in its own slot; more are "
+                           "kept on the host and swapped in least-recently-used first (default 8 when "
+                           "--lora or --lora-dir is given, else 0: no adapters, nothing compiled for them)")
+    lora.add_argument("--max-lora-rank", type=positive_int, default=None, metavar="R",
+                      help="rank of every slot; adapters of higher rank are refused (default: 16, or the "
+                           "highest rank among the --lora adapters)")
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:

@@ -13,9 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# Labels on every per-request metric. Serving LoRA adapters adds "lora_name" here and to
-# `RequestTimer`'s caller (one place), the way vLLM labels per-adapter traffic.
+# Labels on every per-request metric. Adapter traffic is counted again under its own metrics,
+# labelled "lora_name": the adapter, or a mix's names sorted and joined by "+".
 REQUEST_LABELS = ("model_name",)
+LORA_LABELS = ("model_name", "lora_name")
 
 # Bucket edges copied from vLLM, so dashboards built for it read ours.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -45,10 +46,15 @@ class ServerMetrics:
                              REQUEST_LABELS, buckets=_E2E_BUCKETS, registry=r)
         self.success = Counter("hyprjax:request_success", "Requests finished, by finish reason.",
                                (*REQUEST_LABELS, "finished_reason"), registry=r)
+        self.lora_requests = Counter("hyprjax:lora_requests", "Requests started per adapter (or mix).",
+                                     LORA_LABELS, registry=r)
+        self.lora_e2e = Histogram("hyprjax:lora_request_latency_seconds",
+                                  "Request arrival to its last token, per adapter (or mix).", LORA_LABELS,
+                                  buckets=_E2E_BUCKETS, registry=r)
 
-    def request(self, arrival: float, *, model_name: str) -> RequestTimer:
+    def request(self, arrival: float, *, model_name: str, lora_name: str | None = None) -> RequestTimer:
         """A timer for one engine request that arrived at `arrival` (time.monotonic())."""
-        return RequestTimer(self, (model_name,), arrival)
+        return RequestTimer(self, (model_name,), arrival, None if lora_name is None else (model_name, lora_name))
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) in the Prometheus text format."""
@@ -58,8 +64,9 @@ class ServerMetrics:
 class RequestTimer:
     """Times one engine request from the outputs the server reads off its stream."""
 
-    def __init__(self, metrics: ServerMetrics, labels: tuple[str, ...], arrival: float):
-        self._m, self._labels, self._arrival = metrics, labels, arrival
+    def __init__(self, metrics: ServerMetrics, labels: tuple[str, ...], arrival: float,
+                 lora_labels: tuple[str, str] | None = None):
+        self._m, self._labels, self._arrival, self._lora = metrics, labels, arrival, lora_labels
         self._last: float | None = None  # when the latest token arrived
         self._started = self._finished = False
 
@@ -70,6 +77,8 @@ class RequestTimer:
         if not self._started:
             self._started = True
             m.prompt_tokens.labels(*labels).inc(out.num_prompt_tokens)
+            if self._lora is not None:
+                m.lora_requests.labels(*self._lora).inc()
         k = len(out.new_token_ids)
         if k:
             m.generation_tokens.labels(*labels).inc(k)
@@ -83,6 +92,8 @@ class RequestTimer:
         if out.finished and not self._finished:
             self._finished = True
             m.e2e.labels(*labels).observe(now - self._arrival)
+            if self._lora is not None:
+                m.lora_e2e.labels(*self._lora).observe(now - self._arrival)
             m.success.labels(*labels, out.finish_reason or "stop").inc()
 
     def close(self) -> None:
@@ -118,3 +129,12 @@ class _EngineCollector(Collector):
                                 labels=["model_name"])
         c.add_metric(labels, float(stats["num_preemptions_total"]))
         yield c
+        if "lora_adapters_loaded" in stats:
+            yield gauge("hyprjax:lora_adapters_loaded", "LoRA adapters loaded (on the host).",
+                        stats["lora_adapters_loaded"])
+            yield gauge("hyprjax:lora_slots_in_use", "Device LoRA slots holding an adapter or mix.",
+                        stats["lora_slots_in_use"])
+            e = CounterMetricFamily("hyprjax:lora_evictions", "Adapters evicted from device slots.",
+                                    labels=["model_name"])
+            e.add_metric(labels, float(stats["lora_evictions_total"]))
+            yield e

@@ -7,10 +7,12 @@ does, except the few in `_UNSUPPORTED` whose non-default values would change the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hyprjax.adapters.registry import STRATEGIES, LoraRequest
 from hyprjax.errors import HyprjaxError
 from hyprjax.sampling import SamplingParams
 
@@ -52,6 +54,7 @@ class Options:
     include_usage: bool = False
     logprobs: int | None = None  # top logprobs per token for the engine; None = no logprobs
     user: str | None = None
+    lora: LoraRequest | None = None  # from lora_adapters & co.; `model` naming an adapter is resolved by the app
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,61 @@ def _options(body: dict, max_tokens: int | None, max_tokens_param: str, logprobs
     except HyprjaxError as e:
         m = re.search(r"sampling parameter (\w+)=", str(e))
         raise bad_request(str(e), param=m.group(1) if m else None) from None
-    return Options(model, sampling, max_tokens, n, stream, include_usage, logprobs, get(body, "user", "str"))
+    return Options(model, sampling, max_tokens, n, stream, include_usage, logprobs, get(body, "user", "str"),
+                   _lora(body))
+
+
+def _lora(body: dict) -> LoraRequest | None:
+    """lora_adapters (a name or names), lora_weights ({name: w} or [w, ...]), lora_combination_strategy,
+    lora_density, lora_seed -> a LoraRequest (None without lora_adapters). Shape errors are 400s here;
+    whether the adapters exist is the engine's to say (404)."""
+    names = body.get("lora_adapters")
+    rest = [k for k in ("lora_weights", "lora_combination_strategy", "lora_density", "lora_seed")
+            if body.get(k) is not None]
+    if names is None:
+        if rest:
+            raise bad_request(f"'{rest[0]}' needs 'lora_adapters'", param=rest[0])
+        return None
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise bad_request(f"'lora_adapters' must be an adapter name or a non-empty array of names, got {_show(names)}",
+                          param="lora_adapters")
+    weights = body.get("lora_weights")
+    number = _KINDS["number"][0]
+    if isinstance(weights, dict):
+        unknown = [k for k in weights if k not in names]
+        if unknown:
+            raise bad_request(f"'lora_weights' names {unknown[0]!r}, which is not in 'lora_adapters'",
+                              param="lora_weights")
+        values = list(weights.values())
+    elif isinstance(weights, list):
+        if len(weights) != len(names):
+            raise bad_request(f"'lora_weights' has {len(weights)} weights for {len(names)} adapters",
+                              param="lora_weights")
+        values = weights
+    elif weights is None:
+        values = []
+    else:
+        raise bad_request(f"'lora_weights' must be an object {{name: weight}} or an array, got {_show(weights)}",
+                          param="lora_weights")
+    for w in values:
+        if not number(w) or not math.isfinite(w):
+            raise bad_request(f"'lora_weights' must hold finite numbers, got {_show(w)}", param="lora_weights")
+    strategy = get(body, "lora_combination_strategy", "str", "weighted_sum")
+    if strategy not in STRATEGIES:
+        raise bad_request(f"'lora_combination_strategy' must be one of {', '.join(STRATEGIES)}, got {strategy!r}",
+                          param="lora_combination_strategy")
+    density = get(body, "lora_density", "number")
+    if density is not None and not (math.isfinite(density) and 0 < density <= 1):
+        raise bad_request(f"'lora_density' must be in (0, 1], got {_show(density)}", param="lora_density")
+    seed = get(body, "lora_seed", "int", 0)
+    if seed < 0:
+        raise bad_request(f"'lora_seed' must be >= 0, got {seed}", param="lora_seed")
+    try:
+        return LoraRequest.make(names, weights, strategy, None if density is None else float(density), seed)
+    except HyprjaxError as e:
+        raise bad_request(str(e), param="lora_adapters") from None
 
 
 def _stop(value: Any) -> tuple[str, ...]:

@@ -38,7 +38,7 @@ class ChoiceStreams:
 
     @classmethod
     async def start(cls, engine: Engine, jobs: list[tuple[list[int], SamplingParams]], *, request_id: str,
-                    logprobs: int | None, timer: Callable[[], RequestTimer]) -> ChoiceStreams:
+                    logprobs: int | None, timer: Callable[[], RequestTimer], lora=None) -> ChoiceStreams:
         """Enqueue one engine request per (prompt ids, params) and wait for every first output.
 
         Whatever `generate` raises (at the call or at the first read) propagates after every
@@ -48,7 +48,7 @@ class ChoiceStreams:
         try:
             for i, (ids, params) in enumerate(jobs):
                 rid = f"{request_id}-{i}"
-                self._streams.append(engine.generate(ids, params, request_id=rid, logprobs=logprobs))
+                self._streams.append(engine.generate(ids, params, request_id=rid, logprobs=logprobs, lora=lora))
                 self._ids.append(rid)
                 self._timers.append(timer())
                 self._finished.append(False)

@@ -15,6 +15,7 @@ import threading
 import uuid
 from typing import AsyncIterator
 
+from ..adapters.registry import LoraRequest
 from ..errors import HyprjaxError
 from ..sampling import SamplingParams
 from .llm_engine import LLMEngine, QueueFullError, RequestOutput, TokenLogprob
@@ -39,6 +40,7 @@ class AsyncEngine:
         self._pending = 0  # queued in the inbox, not yet handed to the engine
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._unloads: list[tuple[str, asyncio.AbstractEventLoop, asyncio.Future]] = []  # engine thread only
         self.error: BaseException | None = None
 
     @property
@@ -69,14 +71,65 @@ class AsyncEngine:
         s["num_waiting"] += self._pending
         return s
 
+    # ---- adapters --------------------------------------------------------------------------
+
+    def adapters(self) -> dict[str, str]:
+        """Adapters requests may name: name -> path (empty when serving none)."""
+        lora = None if self.engine is None else self.engine.lora
+        return {} if lora is None else lora.names()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read an adapter (off the event loop and the engine thread), then register it between steps."""
+        from ..adapters.load import read_adapter
+
+        if not self.ready:
+            raise QueueFullError("the engine is still loading; retry shortly")
+        if self.engine.lora is None:
+            raise HyprjaxError("this server has no adapters (start it with --lora or --max-loras)")
+        if name in self.engine.lora.all_names():
+            raise HyprjaxError(f"an adapter named {name!r} is already loaded; unload it first")
+        eng = self.engine
+        adapter = await asyncio.to_thread(read_adapter, path, name, eng.cfg, eng.ecfg.max_lora_rank)
+        await self._call(lambda: eng.add_adapter(adapter))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload `name`; returns once no request uses it any more (new ones are refused at once)."""
+        if self.engine is not None and self.engine.lora is None:
+            raise HyprjaxError("this server has no adapters (start it with --lora or --max-loras)")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def remove():
+            if not self.engine.remove_adapter(name):
+                self._unloads.append((name, loop, done))  # resolved by the loop when its last user ends
+            else:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        await self._call(remove)
+        await done
+
+    async def _call(self, fn):
+        """Run fn() on the engine thread between steps; its result or exception comes back here."""
+        if not self.ready:
+            raise QueueFullError("the engine is still loading; retry shortly")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._inbox.put(("call", fn, loop, future))
+        self._wake.set()
+        return await future
+
     # ---- requests ------------------------------------------------------------------------
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                 logprobs: int | None = None) -> AsyncIterator[RequestOutput]:
+                 logprobs: int | None = None, lora: LoraRequest | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request; iterate the result for its outputs."""
         if not self.ready:
             raise QueueFullError("the engine is still loading; retry shortly")
         self.engine.validate(prompt_token_ids, params, logprobs)
+        if lora is not None:
+            if self.engine.lora is None:
+                raise HyprjaxError("this server has no adapters (start it with --lora or --max-loras)")
+            self.engine.lora.check(lora)
         rid = request_id or uuid.uuid4().hex
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -88,7 +141,7 @@ class AsyncEngine:
                 raise HyprjaxError(f"request_id {rid!r} is already in use")
             self._streams[rid] = (asyncio.get_running_loop(), stream)
             self._pending += 1
-        self._inbox.put(("add", rid, list(prompt_token_ids), params, logprobs))
+        self._inbox.put(("add", rid, list(prompt_token_ids), params, logprobs, lora))
         self._wake.set()
         return self._stream(rid, stream)
 
@@ -128,15 +181,22 @@ class AsyncEngine:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if msg[0] == "call":
+                _, fn, loop, future = msg
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, fn())
+                except Exception as e:
+                    loop.call_soon_threadsafe(_resolve, future, None, e)
+                continue
             if msg[0] == "add":
-                _, rid, ids, params, logprobs = msg
+                _, rid, ids, params, logprobs, lora = msg
                 with self._lock:
                     self._pending -= 1
                     live = rid in self._streams
                 if not live:  # the client left before the engine saw the request
                     continue
                 try:
-                    self.engine.add_request(ids, params, request_id=rid, logprobs=logprobs)
+                    self.engine.add_request(ids, params, request_id=rid, logprobs=logprobs, lora=lora)
                 except HyprjaxError as e:
                     self._send(rid, e)
             else:  # tell a reader still there that it ended, then forget the stream
@@ -146,6 +206,19 @@ class AsyncEngine:
                     self._send(rid, out)
                 with self._lock:
                     self._streams.pop(rid, None)
+
+    def _finish_unloads(self) -> None:
+        """Answer the unloads whose adapter's last request has ended."""
+        if not self._unloads:
+            return
+        names = self.engine.lora.all_names()
+        still = []
+        for name, loop, future in self._unloads:
+            if name in names:
+                still.append((name, loop, future))
+            else:
+                loop.call_soon_threadsafe(_resolve, future, None)
+        self._unloads = still
 
     def _fail_all(self, e: BaseException) -> None:
         """A step raised (an engine bug): end every live request with the error, keep serving."""
@@ -160,6 +233,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
+                self._finish_unloads()
                 if not self.engine.has_unfinished():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -171,6 +245,7 @@ class AsyncEngine:
                     continue
                 for out in outputs:
                     self._send(out.request_id, out)
+                self._finish_unloads()
         except BaseException as e:  # the loop itself broke: fail every stream loudly, keep the reason
             log.exception("engine loop crashed")
             self.error = e
@@ -178,3 +253,11 @@ class AsyncEngine:
                 rids = list(self._streams)
             for rid in rids:
                 self._send(rid, RuntimeError(f"the engine stopped: {type(e).__name__}: {e}"))
+
+
+def _resolve(future: asyncio.Future, result, error: BaseException | None = None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

@@ -85,12 +85,16 @@ class BlockManager:
 
     # ---- admission
 
-    def _lookup(self, tokens: list[int]) -> tuple[list[int], list[bytes]]:
-        """Pages (and their hashes) that already hold a prefix of `tokens`, leaving >= 1 token to compute."""
+    def _lookup(self, tokens: list[int], root: bytes = _ROOT) -> tuple[list[int], list[bytes]]:
+        """Pages (and their hashes) that already hold a prefix of `tokens`, leaving >= 1 token to compute.
+
+        `root` is the sequence's cache salt: its adapter mix, since the same tokens under other
+        adapters have other K/V.
+        """
         if not self.enable_prefix_caching:
             return [], []
         ps = self.page_size
-        pages, chain, h = [], [], _ROOT
+        pages, chain, h = [], [], root
         for i in range((len(tokens) - 1) // ps):  # full pages that end before the last token
             h = _chain(h, tokens[i * ps:(i + 1) * ps])
             page = self._hash_to_page.get(h)
@@ -102,7 +106,7 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether `allocate(seq)` would find pages for every token that is not a prefix hit."""
-        hits, _ = self._lookup(seq.all_token_ids)
+        hits, _ = self._lookup(seq.all_token_ids, seq.cache_salt)
         revived = sum(1 for p in hits if self._ref[p] == 0)  # hits taken out of the cached free pool
         need = _pages_for(seq.num_tokens, self.page_size) - len(hits)
         return need <= self.num_free_pages - revived
@@ -115,7 +119,7 @@ class BlockManager:
             raise RuntimeError(f"allocate: not enough free pages for request {seq.request_id!r} "
                                f"({seq.num_tokens} tokens, {self.num_free_pages} pages free); "
                                "call can_allocate first")
-        hits, chain = self._lookup(seq.all_token_ids)
+        hits, chain = self._lookup(seq.all_token_ids, seq.cache_salt)
         for page in hits:
             if self._ref[page] == 0:
                 del self._cached_free[page]
@@ -175,7 +179,7 @@ class BlockManager:
         if len(chain) >= full:
             return
         tokens = seq.all_token_ids
-        h = chain[-1] if chain else _ROOT
+        h = chain[-1] if chain else seq.cache_salt
         for i in range(len(chain), full):
             h = _chain(h, tokens[i * ps:(i + 1) * ps])
             chain.append(h)

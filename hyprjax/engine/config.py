@@ -24,6 +24,8 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests before new ones are refused (HTTP 503)
     enable_prefix_caching: bool = True
     max_logprobs: int = 20  # top_logprobs at most
+    max_loras: int = 0  # LoRA slots on the device (0: no adapters; no LoRA code is compiled)
+    max_lora_rank: int = 16  # every slot's rank; adapters of lower rank are zero-padded
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size", "block_q",
@@ -37,6 +39,11 @@ class EngineConfig:
             raise ConfigError(f"engine setting max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if not isinstance(self.max_logprobs, int) or not 1 <= self.max_logprobs <= 64:
             raise ConfigError(f"engine setting max_logprobs must be in [1, 64], got {self.max_logprobs!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_loras" else 1):
+                raise ConfigError(f"engine setting {name} must be an integer >= {0 if name == 'max_loras' else 1}, "
+                                  f"got {value!r}")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
         if self.max_num_batched_tokens < self.max_num_seqs:

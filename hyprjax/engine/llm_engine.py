@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ..adapters.lora import LoraAdapter
+from ..adapters.registry import LoraRegistry, LoraRequest
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
@@ -62,6 +64,8 @@ class _Request:
     key: np.ndarray  # u32[2]
     logprobs: int | None
     admitted: tuple = field(default=(None, -1))  # (slot, preemptions) the runner's penalty rows hold
+    lora_pinned: bool = False  # its adapters hold registry slots (from admission to the end)
+    lora_label: str | None = None  # metrics label: the adapter, or the mix's sorted names
 
 
 def resolve_backend(name: str) -> str:
@@ -86,9 +90,16 @@ class LLMEngine:
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
-                                                   ecfg.max_prefill_seqs), self.block_manager)
+                                                   ecfg.max_prefill_seqs), self.block_manager, self._admit_lora)
+        dtype = jax.tree.leaves(nnx.state(model))[0].dtype
+        self.lora = None
+        if ecfg.max_loras:
+            self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype)
+            log.info("LoRA slot table: %d slots of rank %d (%.1f MiB)", ecfg.max_loras, ecfg.max_lora_rank,
+                     self.lora.nbytes / 2**20)
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,
-                                  backend=self.backend, interpret=interpret)
+                                  backend=self.backend, interpret=interpret,
+                                  lora_tables=(lambda: self.lora.tables) if self.lora is not None else None)
         log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
                  ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
@@ -113,9 +124,15 @@ class LLMEngine:
             raise HyprjaxError(f"logprobs={logprobs} must be between 0 and {self.ecfg.max_logprobs}")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                    logprobs: int | None = None) -> str:
-        """Queue a request; returns its id. Raises QueueFullError when max_queue requests wait."""
+                    logprobs: int | None = None, lora: LoraRequest | None = None) -> str:
+        """Queue a request; returns its id. Raises QueueFullError when max_queue requests wait,
+        AdapterNotFoundError / AdapterError for an unknown adapter or a bad mix."""
         self.validate(prompt_token_ids, params, logprobs)
+        mix, salt = (), b""
+        if lora is not None:
+            if self.lora is None:
+                raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
+            mix, salt = self.lora.resolve(lora)
         if self.scheduler.num_waiting >= self.ecfg.max_queue:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_queue="
                                  f"{self.ecfg.max_queue}); retry later")
@@ -123,12 +140,13 @@ class LLMEngine:
         if rid in self._requests:
             raise HyprjaxError(f"request_id {rid!r} is already in use")
         # Build everything first and hand the sequence to the scheduler last: a failure leaves nothing.
-        seq = Sequence(rid, list(prompt_token_ids), params)
+        seq = Sequence(rid, list(prompt_token_ids), params, lora=mix, cache_salt=salt)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos())
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else NullDecoder()
         seed = params.seed if params.seed is not None else fresh_seed()
         key = seed_key(seed)
-        request = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key, logprobs)
+        request = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key, logprobs,
+                           lora_label=None if lora is None else "+".join(sorted(lora.adapters)))
         self.scheduler.add(seq)
         self._requests[rid] = request
         self.prompt_tokens_total += len(prompt_token_ids)
@@ -143,7 +161,36 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.abort(request_id)
+        self._release_lora(req)
         return self._output(req, [], None, "abort")
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Make a loaded adapter available to new requests (it reaches a slot when first used)."""
+        if self.lora is None:
+            raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
+        self.lora.add(adapter)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Unload an adapter: True if gone now, False if it goes when the requests using it end."""
+        if self.lora is None:
+            raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
+        return self.lora.remove(name)
+
+    def _admit_lora(self, seq: Sequence) -> bool:
+        """Scheduler hook: pin the head of the queue's adapters in slots, or keep it waiting."""
+        if not seq.lora:
+            return True
+        req = self._requests[seq.request_id]
+        if not req.lora_pinned:
+            req.lora_pinned = self.lora.acquire([n for n, _ in seq.lora])
+        return req.lora_pinned
+
+    def _release_lora(self, req: _Request) -> None:
+        if req.lora_pinned:
+            self.lora.release([n for n, _ in req.seq.lora])
+            req.lora_pinned = False
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -155,7 +202,10 @@ class LLMEngine:
         return dict(num_running=s["running"], num_waiting=s["waiting"], kv_cache_usage=self.block_manager.usage,
                     num_preemptions_total=s["preemptions"], prompt_tokens_total=self.prompt_tokens_total,
                     generation_tokens_total=self.generation_tokens_total,
-                    prefix_cache_hit_rate=(bm.get("prefix_hits", 0) / queries) if queries else 0.0)
+                    prefix_cache_hit_rate=(bm.get("prefix_hits", 0) / queries) if queries else 0.0,
+                    **({} if self.lora is None else dict(lora_adapters_loaded=len(self.lora.names()),
+                                                         lora_slots_in_use=self.lora.num_resident,
+                                                         lora_evictions_total=self.lora.evictions)))
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -166,8 +216,9 @@ class LLMEngine:
             self.runner.admit(seq.slot, seq.prompt_token_ids, seq.output_token_ids)
             req.admitted = (seq.slot, seq.num_preemptions)
         start = seq.num_computed_tokens
+        lora = tuple((self.lora.slot(n), w) for n, w in seq.lora)
         return RowRequest(seq.all_token_ids[start:start + s.num_tokens], start, list(seq.block_table), seq.slot,
-                          s.samples, seq.num_output_tokens, seq.params, req.key, req.logprobs is not None)
+                          s.samples, seq.num_output_tokens, seq.params, req.key, req.logprobs is not None, lora)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; outputs of every sequence that got a token (or finished)."""
@@ -196,6 +247,7 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(s.seq, reason)
                 del self._requests[s.seq.request_id]
+                self._release_lora(req)
             outputs.append(self._output(req, [token], lps, reason))
         return outputs
 

@@ -24,7 +24,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..model import PagedMeta, init_paged_cache
+from ..kernels.lora import LoraPairs
+from ..model import LoraStep, PagedMeta, init_paged_cache
 from ..sampling import SamplingArrays, SamplingParams, record, sample
 from .config import EngineConfig
 
@@ -44,9 +45,11 @@ class StepInputs:
     want_logprobs: jax.Array  # bool[] any row asked for logprobs
 
 
-def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: SamplingArrays, *, max_logprobs):
+def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: SamplingArrays, lora: LoraStep | None,
+          *, max_logprobs):
     model = nnx.merge(graphdef, state)
-    logits, cache = model(inp.tokens[None], inp.positions[None], cache, logit_index=inp.logit_index, meta=inp.meta)
+    logits, cache = model(inp.tokens[None], inp.positions[None], cache, logit_index=inp.logit_index, meta=inp.meta,
+                          lora=lora)
     rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
     tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
     counts, seen = record(tokens, counts, seen, inp.row_active, inp.row_slot)  # into the slots' penalty rows
@@ -94,13 +97,14 @@ class RowRequest:
     params: SamplingParams
     key: np.ndarray  # u32[2] the request's key data
     wants_logprobs: bool
+    lora: tuple = ()  # ((slot, weight), ...) of the sequence's adapter mix
 
 
 class ModelRunner:
     """Owns the device state (weights, KV pool, penalty tables) and the compiled step buckets."""
 
     def __init__(self, model, cfg: ModelConfig, ecfg: EngineConfig, *, num_pages: int, max_model_len: int,
-                 backend: str, interpret: bool = False):
+                 backend: str, interpret: bool = False, lora_tables=None):
         self.cfg, self.ecfg = cfg, ecfg
         self.graphdef, self.state = nnx.split(model)
         dtype = jax.tree.leaves(self.state)[0].dtype
@@ -110,6 +114,7 @@ class ModelRunner:
         self.cache = init_paged_cache(cfg, num_pages, ecfg.page_size, dtype)
         self.counts = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), jnp.int32)
         self.seen = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), bool)
+        self.lora_tables = lora_tables  # callable -> the registry's current slot tables, or None
         self._step = jax.jit(partial(_step, self.graphdef, max_logprobs=ecfg.max_logprobs),
                              donate_argnums=(1, 2, 3))
         self._admit = jax.jit(_admit, donate_argnums=(0, 1))
@@ -124,9 +129,11 @@ class ModelRunner:
                 return b
         raise ValueError(f"step of {n} tokens exceeds the largest bucket {buckets[-1]}")
 
-    def pack(self, decodes: list[RowRequest], prefills: list[RowRequest]) -> tuple[StepInputs, SamplingArrays, list]:
+    def pack(self, decodes: list[RowRequest], prefills: list[RowRequest]
+             ) -> tuple[StepInputs, SamplingArrays, LoraStep | None, list]:
         """Host arrays for one step (decode rows first, then up to max_prefill_seqs prefill rows),
-        and the row of each request in input order."""
+        the step's LoRA pairs (None when no row has an adapter: the step then runs the base-model
+        compile of its bucket), and the row of each request in input order."""
         ps, bq = self.page_size, self.ecfg.block_q
         td = self._bucket(self._decode_buckets, len(decodes))
         pf_tokens = sum(-(-len(r.token_ids) // bq) * bq for r in prefills)
@@ -161,15 +168,18 @@ class ModelRunner:
             params[row], keys[row] = r.params, r.key
             return n
 
+        dec_pairs, pf_pairs = [], []  # (slot, start, weight)
         for i, r in enumerate(decodes):
             place(i, r, i)
             dec_seq[i] = i
+            dec_pairs += [(slot, i, w) for slot, w in r.lora]
         at = td
         for j, r in enumerate(prefills):
             row = td + j
             n = place(row, r, at)
             blocks = -(-n // bq)
             pf_seq[(at - td) // bq:(at - td) // bq + blocks] = row
+            pf_pairs += [(slot, at - td + k * bq, w) for slot, w in r.lora for k in range(blocks)]
             at += blocks * bq
         want_lp = any(r.wants_logprobs and r.samples for r in decodes + prefills)
         # device_put, not jnp.asarray: in JAX 0.10 the latter stages numpy arrays through a
@@ -180,14 +190,18 @@ class ModelRunner:
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
                          put(active), put(np.asarray(want_lp)))
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
-        return inp, SamplingArrays.from_rows(params, keys), order
+        lora = None
+        if dec_pairs or pf_pairs:
+            lora = LoraStep(self.lora_tables(), _pairs(dec_pairs, td * self.ecfg.max_loras),
+                            _pairs(pf_pairs, tp // bq * self.ecfg.max_loras))
+        return inp, SamplingArrays.from_rows(params, keys), lora, order
 
     # ---- running --------------------------------------------------------------------------
 
     def run(self, decodes: list[RowRequest], prefills: list[RowRequest]) -> StepResult:
         """Run one step; results are in input order (decodes, then prefills)."""
-        inp, sampling, order = self.pack(decodes, prefills)
-        out = self._step(self.state, self.cache, self.counts, self.seen, inp, sampling)
+        inp, sampling, lora, order = self.pack(decodes, prefills)
+        out = self._step(self.state, self.cache, self.counts, self.seen, inp, sampling, lora)
         tokens, lp, top_ids, top_lp, self.cache, self.counts, self.seen = out
         tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
         return StepResult(tokens[order], lp[order], top_ids[order], top_lp[order])
@@ -201,14 +215,19 @@ class ModelRunner:
 
     def warmup(self, max_model_len: int, progress: bool = True) -> int:
         """Compile every (decode, prefill) bucket and the admit buckets; returns how many steps ran."""
-        combos = [(d, p) for d in self._decode_buckets for p in self._prefill_buckets if d or p]
+        variants = (False, True) if self.lora_tables is not None else (False,)
+        combos = [(d, p, v) for v in variants for d in self._decode_buckets for p in self._prefill_buckets if d or p]
         bar = tqdm(combos, desc="compiling step buckets", disable=not progress, leave=False)
-        for d, p in bar:
-            bar.set_postfix_str(f"decode={d} prefill={p}")
+        for d, p, with_lora in bar:
+            bar.set_postfix_str(f"decode={d} prefill={p}" + (" lora" if with_lora else ""))
             inp = self._padding_inputs(d, p)
+            lora = None
+            if with_lora:
+                lora = LoraStep(self.lora_tables(), _pairs([], d * self.ecfg.max_loras),
+                                _pairs([], p // self.ecfg.block_q * self.ecfg.max_loras))
             out = self._step(self.state, self.cache, self.counts, self.seen, inp,
                              SamplingArrays.from_rows([_GREEDY] * inp.row_slot.shape[0],
-                                                      np.zeros((inp.row_slot.shape[0], 2), np.uint32)))
+                                                      np.zeros((inp.row_slot.shape[0], 2), np.uint32)), lora)
             _, _, _, _, self.cache, self.counts, self.seen = out
         n = 64
         while True:  # admit buckets: ids padded to powers of two >= 64
@@ -236,6 +255,20 @@ class ModelRunner:
 
 
 _GREEDY = SamplingParams(temperature=0.0)
+
+
+def _pairs(pairs: list[tuple[int, int, float]], capacity: int) -> LoraPairs:
+    """Device LoraPairs of `capacity` entries holding `pairs` sorted by (slot, start), so
+    consecutive pairs reuse one adapter while it is in cache."""
+    start = np.zeros(capacity, np.int32)
+    slot = np.zeros(capacity, np.int32)
+    weight = np.zeros(capacity, np.float32)
+    pairs = sorted(pairs)
+    assert len(pairs) <= capacity, f"{len(pairs)} LoRA pairs exceed the bucket's {capacity}"
+    for i, (s, t, w) in enumerate(pairs):
+        slot[i], start[i], weight[i] = s, t, w
+    put = jax.device_put
+    return LoraPairs(put(start), put(slot), put(weight), put(np.int32(len(pairs))))
 
 
 def _pad_ids(ids: list[int], total: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, PromptTooLongError
@@ -81,9 +82,13 @@ class SchedulerOutput:
 class Scheduler:
     """Plans each step over a waiting queue and the running set; owns slots, not pages."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 can_admit: Callable[[Sequence], bool] | None = None):
         self.config = config
         self.block_manager = block_manager
+        # Last say on admitting the head of the queue (the engine pins its adapters in slots there;
+        # False keeps it waiting, like a page shortage).
+        self._can_admit = can_admit or (lambda seq: True)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, oldest first
         self._by_id: dict[str, Sequence] = {}  # unfinished sequences
@@ -205,7 +210,8 @@ class Scheduler:
 
         # 3. Admit waiting sequences, strictly in order.
         while (self.waiting and not out.preempted and budget > 0 and len(self.running) < cfg.max_num_seqs
-               and len(out.prefills) < cfg.max_prefill_seqs and bm.can_allocate(self.waiting[0])):
+               and len(out.prefills) < cfg.max_prefill_seqs and bm.can_allocate(self.waiting[0])
+               and self._can_admit(self.waiting[0])):
             seq = self.waiting.popleft()
             bm.allocate(seq)
             seq.slot = heapq.heappop(self._free_slots)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from hyprjax.adapters.lora import AdapterError
+from hyprjax.adapters.registry import AdapterNotFoundError
 from hyprjax.errors import PromptTooLongError
 from hyprjax.sampling import SamplingParams
 from hyprjax.engine.llm_engine import QueueFullError, RequestOutput, TokenLogprob
@@ -86,6 +88,7 @@ class Call:
     prompt_ids: list[int]
     params: SamplingParams
     logprobs: int | None
+    lora: object = None  # the LoraRequest the server passed
 
 
 class FakeEngine:
@@ -110,9 +113,16 @@ class FakeEngine:
         self.aborted: list[str] = []  # closed early or abort()ed
         self._abort_requested: set[str] = set()
         self._started: set[str] = set()
+        self.lora: dict[str, str] = {}  # adapters: name -> path (load_adapter adds, unload_adapter removes)
+        self._lora_of: dict[str, object] = {}
 
-    def generate(self, prompt_token_ids, params, *, request_id=None, logprobs=None):
+    def generate(self, prompt_token_ids, params, *, request_id=None, logprobs=None, lora=None):
         request_id = request_id or f"fake-{len(self.calls)}"
+        if lora is not None:
+            missing = [a for a in lora.adapters if a not in self.lora]
+            if missing:
+                raise AdapterNotFoundError(f"adapter {missing[0]!r} is not loaded")
+            self._lora_of[request_id] = lora
         if self.lazy_errors:
             return self._checked_stream(list(prompt_token_ids), params, request_id, logprobs)
         self._check(prompt_token_ids, params)
@@ -128,6 +138,19 @@ class FakeEngine:
         else:  # admitted at the call, never read: drop it here, as an engine drops a waiting request
             self.running.discard(request_id)
             self.aborted.append(request_id)
+
+    def adapters(self) -> dict[str, str]:
+        return dict(self.lora)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if name in self.lora:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        self.lora[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.lora:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        del self.lora[name]
 
     def stats(self) -> dict:
         return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": len(self.running) / 64,
@@ -147,7 +170,7 @@ class FakeEngine:
             yield out
 
     async def _stream(self, prompt_ids, params, request_id, logprobs):
-        self.calls.append(Call(request_id, prompt_ids, params, logprobs))
+        self.calls.append(Call(request_id, prompt_ids, params, logprobs, self._lora_of.pop(request_id, None)))
         self._started.add(request_id)
         full = fake_text(prompt_ids, params.seed, params.max_tokens)
         text, sent, count, done = "", 0, 0, False

@@ -44,6 +44,34 @@ def test_bad_flags_exit_2(bad, capsys):
     assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
 
 
+def test_lora_flags():
+    a = parser().parse_args(["--lora", "support=adapters/support", "--lora", "x/legal.gguf", "--lora-dir", "x",
+                             "--max-loras", "16", "--max-lora-rank", "64"])
+    assert a.lora == [("support", "adapters/support"), ("legal", "x/legal.gguf")]
+    assert (a.lora_dir, a.max_loras, a.max_lora_rank) == ("x", 16, 64)
+    d = parser().parse_args([])
+    assert (d.lora, d.lora_dir, d.max_loras, d.max_lora_rank) == ([], None, None, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora", "x=/no/such/adapter"], "does not exist"),
+    (["--lora", "x=/tmp", "--lora", "x=/tmp"], "twice"),
+    (["--lora-dir", "/no/such/dir"], "no such directory"),
+    (["--max-loras", "0", "--lora-dir", "/tmp"], "at least one slot"),
+])
+def test_serve_refuses_bad_lora_settings_in_one_line(argv, message, tmp_path, capsys):
+    """Bad adapters or settings end `hyprjax serve` with exit 2 and one line, before it serves."""
+    from bench.make_model import build_tokenizer
+    from hyprjax.cli import main
+    from tests.tiny_models import make_hf_model
+
+    make_hf_model(tmp_path / "m", "qwen3", vocab_size=320)
+    build_tokenizer(320).save(str(tmp_path / "m" / "tokenizer.json"))
+    assert main(["serve", str(tmp_path / "m"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hyprjax: error:") and message in err
+
+
 def test_parse_bytes():
     assert [parse_bytes(t) for t in ("2GiB", "512MiB", "1.5GB", "1000", "3g")] == [
         2 * 2**30, 512 * 2**20, 1_500_000_000, 1000, 3 * 2**30]

@@ -1,0 +1,114 @@
+"""PEFT LoRA directories: `adapter_config.json` + `adapter_model.safetensors`.
+
+What is read: `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern` and
+`alpha_pattern` (matched against module names as PEFT matches them: the key, or any dotted
+suffix of the module path, as a regular expression), and the `lora_A` / `lora_B` tensors of the
+seven linear modules in each decoder layer. The rank of each module comes from its tensors (and
+must agree with the config's pattern); alpha from the alpha pattern or `lora_alpha`.
+
+Refused with a one-line AdapterError: DoRA, bias training, `modules_to_save`, embedding or
+lm_head targets (they change weights the slot table does not hold), pickled `.bin` files, and
+tensors that name a module outside the seven.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from ..formats.safetensors_io import SafeTensorsFile
+from .lora import MODULES, AdapterError, LoraAdapter, LoraModule, lora_scale
+
+_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+
+
+def is_peft_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def _pattern_value(patterns: dict, module_key: str, default):
+    """PEFT's lookup: the first pattern that equals or regex-matches a dotted suffix of the key."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_key):
+            return value
+    return default
+
+
+def read_peft(path: str | Path, name: str, cfg: ModelConfig) -> LoraAdapter:
+    """Read a PEFT LoRA directory into a LoraAdapter checked against `cfg`."""
+    path = Path(path)
+    config_path = path / "adapter_config.json"
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    if not config_path.is_file():
+        raise AdapterError(f"{path}: not a PEFT adapter (no adapter_config.json)")
+    try:
+        conf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise AdapterError(f"{config_path}: must hold a JSON object")
+    peft_type = str(conf.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {peft_type!r} is not LORA")
+    if conf.get("use_dora"):
+        raise AdapterError(f"{config_path}: DoRA adapters (use_dora) are not supported")
+    if conf.get("bias", "none") != "none":
+        raise AdapterError(f"{config_path}: bias={conf['bias']!r} trains biases; only bias='none' is supported")
+    if conf.get("modules_to_save"):
+        raise AdapterError(f"{config_path}: modules_to_save={conf['modules_to_save']} replaces whole modules; "
+                           f"not supported")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        other = " (adapter_model.bin is a pickle: re-save with safe_serialization=True)" \
+            if (path / "adapter_model.bin").is_file() else ""
+        raise AdapterError(f"{path}: adapter_model.safetensors is missing{other}")
+    try:
+        alpha = float(conf.get("lora_alpha", conf.get("r", 8)))
+        rank = int(conf.get("r", 8))
+    except (TypeError, ValueError):
+        raise AdapterError(f"{config_path}: r and lora_alpha must be numbers") from None
+    rslora = bool(conf.get("use_rslora", False))
+    rank_pattern, alpha_pattern = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+
+    try:
+        st = SafeTensorsFile(weights)
+    except ModelFileError as e:
+        raise AdapterError(str(e)) from None
+    halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key in st.names():
+        m = _KEY.match(key)
+        if m is None:
+            what = "embedding or lm_head" if ("embed" in key or "lm_head" in key) else "unrecognised"
+            raise AdapterError(f"{weights}: tensor {key!r} is an {what} target; only LoRA on "
+                               f"{', '.join(MODULES)} is supported")
+        layer, block, module, half = int(m[1]), m[2], m[3], m[4]
+        if module not in MODULES:
+            raise AdapterError(f"{weights}: tensor {key!r} targets {module!r}; supported: {', '.join(MODULES)}")
+        halves.setdefault((layer, module), {})[half] = np.asarray(st.get(key), np.float32)
+
+    modules = {}
+    for (layer, module), ab in sorted(halves.items()):
+        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        module_key = f"model.layers.{layer}.{block}.{module}"
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise AdapterError(f"{weights}: {module_key} has no {missing} tensor")
+        a, b = ab["A"], ab["B"]  # [r, in], [out, r]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{weights}: {module_key} lora_A {a.shape} and lora_B {b.shape} do not share a rank")
+        r = a.shape[0]
+        want_r = int(_pattern_value(rank_pattern, module_key, rank))
+        if r != want_r:
+            raise AdapterError(f"{weights}: {module_key} has rank {r} but adapter_config.json says {want_r}")
+        mod_alpha = float(_pattern_value(alpha_pattern, module_key, alpha))
+        modules[(layer, module)] = LoraModule(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T),
+                                              lora_scale(mod_alpha, r, rslora))
+    adapter = LoraAdapter(name, str(path), modules)
+    adapter.check_fits(cfg)
+    return adapter

@@ -1,0 +1,286 @@
+"""The engine's adapters: host copies of every loaded adapter, a device slot table for a few.
+
+Adapters live in their own pytree, never mixed into the base weights:
+
+    tables[module] = (a f[L, S, din, R], b f[L, S, R, dout])
+
+(one pair of arrays per module, 14 step arguments rather than one per layer) with L layers, S = `max_loras` slots and R = `max_lora_rank` (lower ranks zero-padded; the adapter's
+scale folded into `b` when its slot is written, so the kernel needs no scale array). A slot
+holds one adapter, or one merged mix (`ties`, `dare_*`, `linear`), which is a temporary
+adapter computed once per distinct mix and cached on the host.
+
+Residency: a request *pins* the adapters of its mix from admission until it finishes, so a
+slot never changes under a running sequence. Unpinned residents form an LRU; a request whose
+adapters are not resident takes free slots first, then evicts the least recently used
+unpinned ones, and waits at the head of the queue when every slot is pinned. Unloading a pinned
+adapter hides it from new requests at once and drops it when its last request ends.
+
+Owned by the engine thread. `names()` is read from the server's thread: it returns a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from .lora import MODULES, AdapterError, LoraAdapter, module_shapes
+
+log = logging.getLogger("hyprjax.lora")
+
+STRATEGIES = ("weighted_sum", "linear", "ties", "dare_linear", "dare_ties")
+
+
+class AdapterNotFoundError(AdapterError):
+    """A request or unload names an adapter that is not loaded (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A request's adapters: names, a weight each, and how to combine them."""
+
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
+    strategy: str = "weighted_sum"
+    density: float | None = None  # ties / dare_*: fraction of entries kept
+    seed: int = 0  # dare_*: the pruning masks' seed
+
+    @classmethod
+    def make(cls, adapters, weights=None, strategy: str = "weighted_sum", density: float | None = None,
+             seed: int = 0) -> LoraRequest:
+        """From API-style arguments: `weights` None (1.0 each), a list, or a {name: weight} dict."""
+        if isinstance(adapters, str):
+            adapters = [adapters]
+        adapters = tuple(adapters)
+        if isinstance(weights, dict):
+            extra = sorted(set(weights) - set(adapters))
+            if extra:
+                raise AdapterError(f"lora_weights names {extra}, which are not in lora_adapters {list(adapters)}")
+            weights = tuple(float(weights.get(a, 1.0)) for a in adapters)
+        elif weights is None:
+            weights = (1.0,) * len(adapters)
+        else:
+            weights = tuple(float(w) for w in weights)
+        return cls(adapters, weights, strategy, density, seed)
+
+
+def _write_slot(tables, slot, values):
+    return jax.tree.map(lambda t, v: t.at[:, slot].set(v), tables, values)
+
+
+class LoraRegistry:
+    """Named adapters, the device slot table, and which request holds which slot."""
+
+    def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None):
+        if max_loras < 1:
+            raise AdapterError(f"max_loras={max_loras} must be >= 1 to serve adapters")
+        self.cfg, self.max_loras, self.max_rank, self.dtype = cfg, max_loras, max_rank, dtype
+        self.max_merged = max_merged or 2 * max_loras
+        self._shapes = module_shapes(cfg)
+        nl = cfg.num_layers
+        self.tables = {m: (jnp.zeros((nl, max_loras, din, max_rank), dtype), jnp.zeros((nl, max_loras, max_rank, dout), dtype))
+                       for m, (din, dout) in self._shapes.items()}
+        self._write = jax.jit(_write_slot, donate_argnums=0)
+        self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writer now, not while serving
+        self._adapters: dict[str, LoraAdapter] = {}  # loaded by users
+        self._merged: OrderedDict[str, LoraAdapter] = OrderedDict()  # mixes, least recently used first
+        self._ids: dict[str, int] = {}  # name -> load generation (reloading a name never reuses K/V)
+        self._gen = itertools.count(1)
+        self._slot_of: dict[str, int] = {}
+        self._slot_name: list[str | None] = [None] * max_loras
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident and unpinned, oldest first
+        self._pins: Counter = Counter()
+        self._unloading: set[str] = set()
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in jax.tree.leaves(self.tables))
+
+    # ---- adapters by name -----------------------------------------------------------------
+
+    def add(self, adapter: LoraAdapter) -> None:
+        if adapter.name in self._adapters:
+            raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
+        adapter.check_fits(self.cfg, self.max_rank)
+        self._adapters[adapter.name] = adapter
+        self._ids[adapter.name] = next(self._gen)
+        log.info("adapter %r loaded from %s (rank %d, %s)", adapter.name, adapter.path, adapter.rank,
+                 ", ".join(adapter.target_modules))
+
+    def names(self) -> dict[str, str]:
+        """Adapters new requests may use: name -> path."""
+        return {n: a.path for n, a in list(self._adapters.items()) if n not in self._unloading}
+
+    def all_names(self) -> set[str]:
+        """Every user adapter still held, those waiting to unload included."""
+        return set(self._adapters)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters and name not in self._unloading
+
+    def remove(self, name: str) -> bool:
+        """Unload `name`: at once if no request holds it (True), else when the last one ends (False)."""
+        if name not in self:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        self._unloading.add(name)
+        for key in [k for k, a in self._merged.items() if name in self._parents(k)]:
+            self._drop_if_free(key)
+        return self._drop_if_free(name)
+
+    def _parents(self, key: str) -> set[str]:
+        return set(self._merged[key].path.split("\0")) if key in self._merged else set()
+
+    def _drop_if_free(self, name: str) -> bool:
+        if self._pins[name]:
+            return False
+        slot = self._slot_of.pop(name, None)
+        if slot is not None:
+            self._slot_name[slot] = None
+            self._lru.pop(name, None)
+        if name in self._merged:
+            del self._merged[name]
+        elif name in self._adapters:
+            del self._adapters[name]
+            self._unloading.discard(name)
+            log.info("adapter %r unloaded", name)
+        return True
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def check(self, req: LoraRequest) -> None:
+        """Raise AdapterNotFoundError / AdapterError naming what is wrong with a request's mix.
+
+        Pure reads, so the server's thread may call it for an early answer; `resolve` repeats it.
+        """
+        if not req.adapters:
+            raise AdapterError("lora_adapters is empty: name at least one adapter")
+        if req.strategy not in STRATEGIES:
+            raise AdapterError(f"lora_combination_strategy {req.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if len(set(req.adapters)) != len(req.adapters):
+            raise AdapterError(f"lora_adapters {list(req.adapters)} names an adapter twice")
+        if len(req.weights) != len(req.adapters):
+            raise AdapterError(f"{len(req.weights)} lora weights for {len(req.adapters)} adapters")
+        if len(req.adapters) > self.max_loras:
+            raise AdapterError(f"a mix of {len(req.adapters)} adapters exceeds --max-loras {self.max_loras}")
+        for name, w in zip(req.adapters, req.weights):
+            if name not in self:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self.names()) or 'none'})")
+            if not math.isfinite(w):
+                raise AdapterError(f"lora weight {w} for adapter {name!r} is not finite")
+        pruning = req.strategy in ("ties", "dare_linear", "dare_ties")
+        if pruning and req.density is None:
+            raise AdapterError(f"lora_combination_strategy {req.strategy!r} needs lora_density in (0, 1]")
+        if not pruning and req.density is not None:
+            raise AdapterError(f"lora_density applies to ties, dare_linear and dare_ties, not {req.strategy!r}")
+        if pruning and not (math.isfinite(req.density) and 0 < req.density <= 1):
+            raise AdapterError(f"lora_density {req.density} must be in (0, 1]")
+        if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed < 2**63:
+            raise AdapterError(f"lora_seed {req.seed!r} must be an integer >= 0")
+
+    def resolve(self, req: LoraRequest) -> tuple[tuple[tuple[str, float], ...], bytes]:
+        """Check a request's mix and return ((name, weight), ...) to apply, and its prefix-cache salt.
+
+        `weighted_sum` applies the adapters themselves; merge strategies resolve to one merged
+        adapter (computed now, or found in the cache) with weight 1.
+        """
+        self.check(req)
+        if req.strategy == "weighted_sum":
+            mix = tuple(zip(req.adapters, req.weights))
+        else:
+            mix = ((self._merge(req), 1.0),)
+        salt = hashlib.blake2b(repr([(n, self._ids[n], w) for n, w in mix]).encode(), digest_size=16).digest()
+        return mix, salt
+
+    def _merge(self, req: LoraRequest) -> str:
+        from .merge import merge_adapters
+
+        density = req.density
+        parts = ",".join(f"{n}#{self._ids[n]}*{w!r}" for n, w in zip(req.adapters, req.weights))
+        key = f"{req.strategy}({parts};density={density!r};seed={req.seed})"
+        if key in self._merged:
+            self._merged.move_to_end(key)
+            return key
+        merged = merge_adapters([self._adapters[n] for n in req.adapters], list(req.weights), req.strategy,
+                                density=density, seed=req.seed, name=key)
+        merged.path = "\0".join(req.adapters)  # parents, so unloading one drops the mix
+        merged.check_fits(self.cfg, self.max_rank)
+        self._merged[key] = merged
+        self._ids[key] = next(self._gen)
+        while len(self._merged) > self.max_merged:
+            if not any(self._drop_if_free(k) for k in list(self._merged) if k != key):
+                break
+        return key
+
+    def acquire(self, names) -> bool:
+        """Pin `names` in slots, writing those not resident; False (nothing changed) if slots are short."""
+        names = list(dict.fromkeys(names))
+        missing = [n for n in names if n not in self._slot_of]
+        free = [s for s, n in enumerate(self._slot_name) if n is None]
+        evictable = [n for n in self._lru if n not in names]
+        if len(missing) > len(free) + len(evictable):
+            return False
+        for name in missing:
+            if free:
+                slot = free.pop(0)
+            else:
+                victim = evictable.pop(0)
+                slot = self._slot_of.pop(victim)
+                self._lru.pop(victim)
+                self.evictions += 1
+                log.info("adapter %r evicted from slot %d", victim, slot)
+            self._write_slot(slot, self._get(name))
+            self._slot_of[name], self._slot_name[slot] = slot, name
+        for name in names:
+            self._pins[name] += 1
+            self._lru.pop(name, None)
+        return True
+
+    def release(self, names) -> None:
+        """A request holding `names` ended: unpin them, dropping any that were being unloaded."""
+        for name in dict.fromkeys(names):
+            self._pins[name] -= 1
+            assert self._pins[name] >= 0, f"adapter {name!r} released more often than acquired"
+            if self._pins[name] == 0:
+                del self._pins[name]
+                if name in self._unloading or (name in self._merged and self._parents(name) & self._unloading):
+                    self._drop_if_free(name)
+                elif name in self._slot_of:
+                    self._lru[name] = None
+
+    def slot(self, name: str) -> int:
+        return self._slot_of[name]
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._slot_of)
+
+    def pinned(self, name: str) -> int:
+        return self._pins[name]
+
+    # ---- the device table -------------------------------------------------------------------
+
+    def _get(self, name: str) -> LoraAdapter:
+        return self._merged[name] if name in self._merged else self._adapters[name]
+
+    def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        r, nl = self.max_rank, self.cfg.num_layers
+        values = {}
+        for m in MODULES:
+            din, dout = self._shapes[m]
+            a, b = np.zeros((nl, din, r), np.float32), np.zeros((nl, r, dout), np.float32)
+            for layer in range(nl):
+                mod = adapter.modules.get((layer, m))
+                if mod is not None:
+                    a[layer, :, :mod.rank] = mod.a
+                    b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
+            values[m] = (jax.device_put(a.astype(self.dtype)), jax.device_put(b.astype(self.dtype)))
+        self.tables = self._write(self.tables, np.int32(slot), values)
