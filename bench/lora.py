@@ -362,6 +362,7 @@ def main(argv=None) -> int:
 
     import jax
 
+    from hyprjax.adapters.registry import LoraRequest
     from hyprjax.engine.config import EngineConfig
     from hyprjax.engine.llm_engine import LLMEngine
     from hyprjax.formats.load import load_model
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     engine = LLMEngine(loaded.model, cfg, loaded.tokenizer, ecfg, warmup=True, progress=True)
     compile_s = time.perf_counter() - t0
-    log(f"engine built in {compile_s:.1f} s: {engine.num_compiled} step buckets (half of them LoRA variants), "
+    log(f"engine built in {compile_s:.1f} s: {engine.num_compiled} step buckets (base grid + LoRA grid), "
         f"{len(COMPILES) - n0} compiles taking {sum(COMPILES[n0:]):.1f} s")
 
     t0 = time.perf_counter()
@@ -393,10 +394,11 @@ def main(argv=None) -> int:
     writes = []  # load each into a slot once (the first write compiles the slot writer)
     for name in names[:max_loras]:
         t = time.perf_counter()
+        held = engine.lora.resolve(LoraRequest.make([name]))
         engine.lora.acquire([name])
         jax.block_until_ready(engine.lora.tables)
         writes.append(time.perf_counter() - t)
-        engine.lora.release([name])
+        engine.lora.release(held, pinned=True)
     log(f"{len(names)} random adapters built in {build_s:.1f} s ({engine.lora.nbytes / 2**20:.0f} MiB slot table); "
         f"slot write {1000 * med(writes[1:] or writes):.0f} ms each")
 

@@ -207,6 +207,9 @@ def cmd_serve(args) -> int:
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank)
     names = args.served_model_name or [loaded.path.stem if loaded.path.is_file() else loaded.path.name]
+    clash = [n for n, _ in args.lora if n in names]
+    if clash:
+        raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
     front = AsyncEngine(None, names[0], tokenizer=loaded.tokenizer)
     app = create_app(front, api_key=args.api_key, served_model_names=names, lora_paths=[p for _, p in args.lora],
                      lora_dir=args.lora_dir)

@@ -58,17 +58,20 @@ class LLM:
             raise HyprjaxError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
         return ids
 
-    def engine(self, config=None):
+    def engine(self, config=None, *, lora: bool = False):
         """The paged continuous-batching engine over this model's weights (built once, no copy).
 
-        Offline use compiles buckets as they are first met rather than all at start-up.
+        Offline use compiles buckets as they are first met rather than all at start-up. The LoRA
+        slot table (`max_loras` x `max_lora_rank`) is allocated only once an adapter is loaded:
+        `lora=True` rebuilds an engine made without one (it holds no state between calls).
         """
-        if self._engine is None:
+        if self._engine is None or (lora and self._engine.lora is None and config is None):
             from .engine.config import EngineConfig
             from .engine.llm_engine import LLMEngine
 
-            config = config or EngineConfig(max_model_len=self.max_model_len, max_loras=self._lora_limits[0],
-                                            max_lora_rank=self._lora_limits[1])
+            max_loras, max_rank = self._lora_limits if lora else (0, 16)
+            config = config or EngineConfig(max_model_len=self.max_model_len, max_loras=max_loras,
+                                            max_lora_rank=max_rank)
             self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False)
         return self._engine
 
@@ -76,11 +79,11 @@ class LLM:
         """Load a PEFT directory or llama.cpp LoRA GGUF under `name` for `generate(..., lora=...)`."""
         from .adapters.load import read_adapter
 
-        eng = self.engine()
+        eng = self.engine(lora=True)
         eng.add_adapter(read_adapter(path, name, self.cfg, eng.ecfg.max_lora_rank))
 
     def unload_lora(self, name: str) -> None:
-        self.engine().remove_adapter(name)
+        self.engine(lora=True).remove_adapter(name)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -108,7 +111,7 @@ class LLM:
         return out
 
     def _generate_on_engine(self, ids, params, on_text, loras) -> list[Completion]:
-        eng = self.engine()
+        eng = self.engine(lora=any(r is not None for r in loras))
         for p in ids:
             self.generator.check_prompt(len(p))
         # As the generator does: generation stops at the context's end rather than refusing.

@@ -71,7 +71,7 @@ class LoraStep:
     blocks with starts counted from the first prefill token.
     """
 
-    tables: dict  # {module: (a f[L, S, din, R], b f[L, S, R, dout])} (adapters/registry.py)
+    tables: dict[str, tuple[jax.Array, jax.Array]]  # module -> (a f[L, S, din, R], b f[L, S, R, dout]) (registry.py)
     dec: LoraPairs
     pf: LoraPairs
 
@@ -85,11 +85,9 @@ class LayerLora(NamedTuple):
 
     def __call__(self, name: str, x, y):
         """y [1, T, dout] + the LoRA deltas of module `name` for x [1, T, din]."""
-        if name not in self.step.tables:
-            return y
         a, b = self.step.tables[name]
         meta = self.meta
-        out = lora_apply(y[0], x[0], a[self.layer], b[self.layer], self.step.dec, self.step.pf,
+        out = lora_apply(y[0], x[0], a, b, self.step.dec, self.step.pf, layer=self.layer,
                          td=meta.dec_block_seq.shape[0], block_q=meta.block_q, backend=meta.backend,
                          interpret=meta.interpret)
         return out[None]

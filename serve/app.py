@@ -155,8 +155,8 @@ class _Server:
             return adapter_not_found(str(e), param="lora_name").response()
         except QueueFullError as e:
             return overloaded(str(e)).response()
-        except HyprjaxError as e:
-            return bad_request(str(e), param="lora_path").response()
+        except HyprjaxError as e:  # the adapter's files, or a name already taken
+            return bad_request(str(e)).response()
         except Exception:
             logger.exception("%s failed", request.url.path)
             return internal_error().response()

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hyprjax.adapters.registry import STRATEGIES, LoraRequest
+from hyprjax.adapters.registry import COMBINATIONS, LoraRequest
 from hyprjax.errors import HyprjaxError
 from hyprjax.sampling import SamplingParams
 
@@ -223,14 +223,14 @@ def _lora(body: dict) -> LoraRequest | None:
         raise bad_request(f"'lora_weights' must be an object {{name: weight}} or an array, got {_show(weights)}",
                           param="lora_weights")
     for w in values:
-        if not number(w) or not math.isfinite(w):
+        if not number(w) or not _finite(w):
             raise bad_request(f"'lora_weights' must hold finite numbers, got {_show(w)}", param="lora_weights")
     strategy = get(body, "lora_combination_strategy", "str", "weighted_sum")
-    if strategy not in STRATEGIES:
-        raise bad_request(f"'lora_combination_strategy' must be one of {', '.join(STRATEGIES)}, got {strategy!r}",
+    if strategy not in COMBINATIONS:
+        raise bad_request(f"'lora_combination_strategy' must be one of {', '.join(COMBINATIONS)}, got {strategy!r}",
                           param="lora_combination_strategy")
     density = get(body, "lora_density", "number")
-    if density is not None and not (math.isfinite(density) and 0 < density <= 1):
+    if density is not None and not (_finite(density) and 0 < density <= 1):
         raise bad_request(f"'lora_density' must be in (0, 1], got {_show(density)}", param="lora_density")
     seed = get(body, "lora_seed", "int", 0)
     if seed < 0:
@@ -239,6 +239,14 @@ def _lora(body: dict) -> LoraRequest | None:
         return LoraRequest.make(names, weights, strategy, None if density is None else float(density), seed)
     except HyprjaxError as e:
         raise bad_request(str(e), param="lora_adapters") from None
+
+
+def _finite(x) -> bool:
+    """A JSON number that is a finite float (a 400-digit integer overflows float: not finite)."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _stop(value: Any) -> tuple[str, ...]:

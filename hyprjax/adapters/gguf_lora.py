@@ -26,6 +26,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..formats.gguf_read import GGUFFile
+from ..formats.gguf_write import QTYPES
 from ..formats.names import tensor_table
 from .lora import MODULES, AdapterError, LoraAdapter, LoraModule
 
@@ -33,12 +34,7 @@ log = logging.getLogger("hyprjax.adapters")
 
 Q = gguf.GGMLQuantizationType
 # write dtype -> (tensor type, general.file_type): the converter's --outtype choices
-DTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
-    "F32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "F16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "BF16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "Q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
+DTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {k: QTYPES[k] for k in ("F32", "F16", "BF16", "Q8_0")}
 _LORA_NAME = re.compile(r"(.+)\.lora_([ab])")
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 _F32_MAX = float(np.finfo(np.float32).max)

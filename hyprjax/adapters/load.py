@@ -40,14 +40,27 @@ def check_allowed(path: str | os.PathLike, allowed: list[str | os.PathLike], lor
     """The resolved path if it is one given at start-up or lies inside `lora_dir`; else AdapterPathError.
 
     Paths are resolved (symlinks, `..`) before comparing, so a name inside `lora_dir` cannot
-    point outside it.
+    point outside it; for a PEFT directory the two files read from it are checked the same way,
+    so a symlinked `adapter_model.safetensors` cannot reach outside either. (A file swapped
+    between this check and the read is not caught: `--lora-dir` must not be writable by
+    whoever may call the API.)
     """
-    p = Path(path).expanduser().resolve()
-    if any(p == Path(a).expanduser().resolve() for a in allowed):
-        return p
+    text = os.fspath(path)
+    if "\0" in text:
+        raise AdapterPathError(f"adapter path {text!r} holds a NUL byte")
+    roots = [Path(a).expanduser().resolve() for a in allowed]
     if lora_dir is not None:
-        root = Path(lora_dir).expanduser().resolve()
-        if p == root or root in p.parents:
-            return p
-    where = f"inside --lora-dir {lora_dir}" if lora_dir is not None else "given with --lora at start-up"
-    raise AdapterPathError(f"adapter path {path} is not allowed: runtime loads must name a path {where}")
+        roots.append(Path(lora_dir).expanduser().resolve())
+
+    def inside(p: Path) -> bool:
+        return any(p == r or r in p.parents for r in roots)
+
+    p = Path(text).expanduser().resolve()
+    ok = any(p == Path(a).expanduser().resolve() for a in allowed) or (
+        lora_dir is not None and inside(p) and p != roots[-1])
+    if ok and p.is_dir():
+        ok = all(inside((p / f).resolve()) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    if not ok:
+        where = f"inside --lora-dir {lora_dir}" if lora_dir is not None else "given with --lora at start-up"
+        raise AdapterPathError(f"adapter path {path} is not allowed: runtime loads must name a path {where}")
+    return p

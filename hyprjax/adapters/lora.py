@@ -54,6 +54,7 @@ class LoraAdapter:
     name: str
     path: str  # where it was read from ("" for merged mixes)
     modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)  # (layer, module name) -> update
+    parents: tuple[str, ...] = ()  # a merged mix: the adapters it was made from
 
     @property
     def rank(self) -> int:

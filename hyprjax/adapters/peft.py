@@ -1,9 +1,10 @@
 """PEFT LoRA directories: `adapter_config.json` + `adapter_model.safetensors`.
 
-What is read: `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern` and
-`alpha_pattern` (matched against module names as PEFT matches them: the key, or any dotted
-suffix of the module path, as a regular expression), and the `lora_A` / `lora_B` tensors of the
-seven linear modules in each decoder layer. The rank of each module comes from its tensors (and
+What is read: `r`, `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` (matched
+against module names as PEFT matches them: the key, or any dotted suffix of the module path, as
+a regular expression), and the `lora_A` / `lora_B` tensors of the seven linear modules in each
+decoder layer. Which modules are targeted comes from the tensors present (PEFT saves exactly
+those), so `target_modules` need not be parsed. The rank of each module comes from its tensors (and
 must agree with the config's pattern); alpha from the alpha pattern or `lora_alpha`.
 
 Refused with a one-line AdapterError: DoRA, bias training, `modules_to_save`, embedding or
@@ -51,6 +52,8 @@ def read_peft(path: str | Path, name: str, cfg: ModelConfig) -> LoraAdapter:
         conf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterError(f"{config_path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(conf, dict):
         raise AdapterError(f"{config_path}: must hold a JSON object")
     peft_type = str(conf.get("peft_type", "LORA")).upper()
@@ -75,11 +78,22 @@ def read_peft(path: str | Path, name: str, cfg: ModelConfig) -> LoraAdapter:
         raise AdapterError(f"{config_path}: r and lora_alpha must be numbers") from None
     rslora = bool(conf.get("use_rslora", False))
     rank_pattern, alpha_pattern = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+    for key, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in pattern.values()):
+            raise AdapterError(f"{config_path}: {key} must map module patterns to numbers, got {pattern!r}")
+        for p in pattern:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise AdapterError(f"{config_path}: {key} pattern {p!r} is not a regular expression ({e})") from None
 
     try:
         st = SafeTensorsFile(weights)
     except ModelFileError as e:
         raise AdapterError(str(e)) from None
+    except OSError as e:
+        raise AdapterError(f"{weights}: cannot be read ({e.strerror or e})") from None
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key in st.names():
         m = _KEY.match(key)

@@ -4,18 +4,21 @@ Adapters live in their own pytree, never mixed into the base weights:
 
     tables[module] = (a f[L, S, din, R], b f[L, S, R, dout])
 
-(one pair of arrays per module, 14 step arguments rather than one per layer) with L layers, S = `max_loras` slots and R = `max_lora_rank` (lower ranks zero-padded; the adapter's
+(one pair of arrays per module: 14 step arguments rather than one per layer) with L layers, S = `max_loras` slots and R = `max_lora_rank` (lower ranks zero-padded; the adapter's
 scale folded into `b` when its slot is written, so the kernel needs no scale array). A slot
 holds one adapter, or one merged mix (`ties`, `dare_*`, `linear`), which is a temporary
 adapter computed once per distinct mix and cached on the host.
 
-Residency: a request *pins* the adapters of its mix from admission until it finishes, so a
-slot never changes under a running sequence. Unpinned residents form an LRU; a request whose
-adapters are not resident takes free slots first, then evicts the least recently used
-unpinned ones, and waits at the head of the queue when every slot is pinned. Unloading a pinned
-adapter hides it from new requests at once and drops it when its last request ends.
+Lifetime: a request *holds* what it resolved to from `add_request` until it ends, waiting in
+the queue included, so unloading an adapter a request holds hides it from new requests at once
+and drops it when its last holder ends. A request *pins* its mix in slots from admission until
+it ends, so a slot never changes under a running sequence. Unpinned residents form an LRU; a
+request whose adapters are not resident takes free slots first, then evicts the least recently
+used unpinned ones, and waits at the head of the queue when every slot is pinned (requests
+behind it wait too: admission is first come, first served).
 
-Owned by the engine thread. `names()` is read from the server's thread: it returns a copy.
+Owned by the engine thread. The server's thread calls only `names()`, `all_names()`, `check()`
+and `in`, which read (copies of) dicts, atomic under the GIL.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .lora import MODULES, AdapterError, LoraAdapter, module_shapes
 
 log = logging.getLogger("hyprjax.lora")
 
-STRATEGIES = ("weighted_sum", "linear", "ties", "dare_linear", "dare_ties")
+COMBINATIONS = ("weighted_sum", "linear", "ties", "dare_linear", "dare_ties")
 
 
 class AdapterNotFoundError(AdapterError):
@@ -72,12 +75,26 @@ class LoraRequest:
         return cls(adapters, weights, strategy, density, seed)
 
 
-def _write_slot(tables, slot, values):
+def _set_slot(tables, slot, values):
     return jax.tree.map(lambda t, v: t.at[:, slot].set(v), tables, values)
 
 
+@dataclass(frozen=True)
+class ResolvedMix:
+    """What a request applies and what it holds, as `LoraRegistry.resolve` decided."""
+
+    mix: tuple[tuple[str, float], ...]  # (adapter or merged-mix name, weight) the step adds
+    held: tuple[str, ...]  # names it keeps from unloading until it ends (a merged mix's parents too)
+    salt: bytes  # the prefix-cache root: K/V computed under this mix only
+
+
 class LoraRegistry:
-    """Named adapters, the device slot table, and which request holds which slot."""
+    """Named adapters, the device slot table, and which request holds which adapter and slot.
+
+    Two counts per name: `_refs`, requests that resolved to it (from `resolve` until `release`;
+    an unload waits for them, and a held merged mix is never trimmed), and `_pins`, requests
+    admitted with it in a slot (from `acquire` until `release`; a pinned slot is never evicted).
+    """
 
     def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None):
         if max_loras < 1:
@@ -86,9 +103,10 @@ class LoraRegistry:
         self.max_merged = max_merged or 2 * max_loras
         self._shapes = module_shapes(cfg)
         nl = cfg.num_layers
-        self.tables = {m: (jnp.zeros((nl, max_loras, din, max_rank), dtype), jnp.zeros((nl, max_loras, max_rank, dout), dtype))
+        self.tables = {m: (jnp.zeros((nl, max_loras, din, max_rank), dtype),
+                           jnp.zeros((nl, max_loras, max_rank, dout), dtype))
                        for m, (din, dout) in self._shapes.items()}
-        self._write = jax.jit(_write_slot, donate_argnums=0)
+        self._set = jax.jit(_set_slot, donate_argnums=0)
         self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writer now, not while serving
         self._adapters: dict[str, LoraAdapter] = {}  # loaded by users
         self._merged: OrderedDict[str, LoraAdapter] = OrderedDict()  # mixes, least recently used first
@@ -97,6 +115,7 @@ class LoraRegistry:
         self._slot_of: dict[str, int] = {}
         self._slot_name: list[str | None] = [None] * max_loras
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident and unpinned, oldest first
+        self._refs: Counter = Counter()
         self._pins: Counter = Counter()
         self._unloading: set[str] = set()
         self.evictions = 0
@@ -108,6 +127,9 @@ class LoraRegistry:
     # ---- adapters by name -----------------------------------------------------------------
 
     def add(self, adapter: LoraAdapter) -> None:
+        if adapter.name in self._unloading:
+            raise AdapterError(f"adapter {adapter.name!r} is being unloaded; load it again once its "
+                               f"running requests have finished")
         if adapter.name in self._adapters:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
         adapter.check_fits(self.cfg, self.max_rank)
@@ -117,7 +139,7 @@ class LoraRegistry:
                  ", ".join(adapter.target_modules))
 
     def names(self) -> dict[str, str]:
-        """Adapters new requests may use: name -> path."""
+        """Adapters new requests may use: name -> path. Read from the server's thread too (a copy)."""
         return {n: a.path for n, a in list(self._adapters.items()) if n not in self._unloading}
 
     def all_names(self) -> set[str]:
@@ -129,23 +151,26 @@ class LoraRegistry:
 
     def remove(self, name: str) -> bool:
         """Unload `name`: at once if no request holds it (True), else when the last one ends (False)."""
-        if name not in self:
+        if name not in self._adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
         self._unloading.add(name)
-        for key in [k for k, a in self._merged.items() if name in self._parents(k)]:
+        for key in [k for k, a in self._merged.items() if name in a.parents]:
             self._drop_if_free(key)
         return self._drop_if_free(name)
 
-    def _parents(self, key: str) -> set[str]:
-        return set(self._merged[key].path.split("\0")) if key in self._merged else set()
+    def _doomed(self, name: str) -> bool:
+        """Unloading, or a merged mix of an adapter that is."""
+        mixed = self._merged.get(name)
+        return name in self._unloading or (mixed is not None and bool(set(mixed.parents) & self._unloading))
 
     def _drop_if_free(self, name: str) -> bool:
-        if self._pins[name]:
+        if self._refs[name]:
             return False
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             self._slot_name[slot] = None
             self._lru.pop(name, None)
+        self._ids.pop(name, None)
         if name in self._merged:
             del self._merged[name]
         elif name in self._adapters:
@@ -163,14 +188,15 @@ class LoraRegistry:
         """
         if not req.adapters:
             raise AdapterError("lora_adapters is empty: name at least one adapter")
-        if req.strategy not in STRATEGIES:
-            raise AdapterError(f"lora_combination_strategy {req.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if req.strategy not in COMBINATIONS:
+            raise AdapterError(f"lora_combination_strategy {req.strategy!r} is not one of {', '.join(COMBINATIONS)}")
         if len(set(req.adapters)) != len(req.adapters):
             raise AdapterError(f"lora_adapters {list(req.adapters)} names an adapter twice")
         if len(req.weights) != len(req.adapters):
             raise AdapterError(f"{len(req.weights)} lora weights for {len(req.adapters)} adapters")
-        if len(req.adapters) > self.max_loras:
-            raise AdapterError(f"a mix of {len(req.adapters)} adapters exceeds --max-loras {self.max_loras}")
+        if len(req.adapters) > self.max_loras and req.strategy == "weighted_sum":  # a merge takes one slot
+            raise AdapterError(f"a weighted_sum of {len(req.adapters)} adapters exceeds --max-loras {self.max_loras} "
+                               f"(one slot each); use fewer, or a merge strategy")
         for name, w in zip(req.adapters, req.weights):
             if name not in self:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self.names()) or 'none'})")
@@ -186,42 +212,45 @@ class LoraRegistry:
         if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed < 2**63:
             raise AdapterError(f"lora_seed {req.seed!r} must be an integer >= 0")
 
-    def resolve(self, req: LoraRequest) -> tuple[tuple[tuple[str, float], ...], bytes]:
-        """Check a request's mix and return ((name, weight), ...) to apply, and its prefix-cache salt.
+    def resolve(self, req: LoraRequest) -> ResolvedMix:
+        """Check a request's mix, take a hold on what it uses, and say what the step applies.
 
-        `weighted_sum` applies the adapters themselves; merge strategies resolve to one merged
-        adapter (computed now, or found in the cache) with weight 1.
+        `weighted_sum` applies the adapters themselves; merge strategies apply one merged adapter
+        (computed now, or found in the cache) with weight 1, and also hold its parents, so an
+        unload of a parent waits for the request too. Every resolve needs a `release`.
         """
         self.check(req)
         if req.strategy == "weighted_sum":
             mix = tuple(zip(req.adapters, req.weights))
+            held = req.adapters
         else:
-            mix = ((self._merge(req), 1.0),)
+            key = self._merge(req)
+            mix, held = ((key, 1.0),), (key, *req.adapters)
+        for name in held:
+            self._refs[name] += 1
         salt = hashlib.blake2b(repr([(n, self._ids[n], w) for n, w in mix]).encode(), digest_size=16).digest()
-        return mix, salt
+        return ResolvedMix(mix, held, salt)
 
     def _merge(self, req: LoraRequest) -> str:
         from .merge import merge_adapters
 
-        density = req.density
         parts = ",".join(f"{n}#{self._ids[n]}*{w!r}" for n, w in zip(req.adapters, req.weights))
-        key = f"{req.strategy}({parts};density={density!r};seed={req.seed})"
+        key = f"{req.strategy}({parts};density={req.density!r};seed={req.seed})"
         if key in self._merged:
             self._merged.move_to_end(key)
             return key
         merged = merge_adapters([self._adapters[n] for n in req.adapters], list(req.weights), req.strategy,
-                                density=density, seed=req.seed, name=key)
-        merged.path = "\0".join(req.adapters)  # parents, so unloading one drops the mix
+                                density=req.density, seed=req.seed, name=key)
+        merged.parents = tuple(req.adapters)
         merged.check_fits(self.cfg, self.max_rank)
+        for old in [k for k in self._merged if not self._refs[k]][:max(0, len(self._merged) + 1 - self.max_merged)]:
+            self._drop_if_free(old)  # trim the cache: oldest first, never one a request holds
         self._merged[key] = merged
         self._ids[key] = next(self._gen)
-        while len(self._merged) > self.max_merged:
-            if not any(self._drop_if_free(k) for k in list(self._merged) if k != key):
-                break
         return key
 
     def acquire(self, names) -> bool:
-        """Pin `names` in slots, writing those not resident; False (nothing changed) if slots are short."""
+        """Pin `names` in slots, writing those not resident; False (nothing pinned) if slots are short."""
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self._slot_of]
         free = [s for s, n in enumerate(self._slot_name) if n is None]
@@ -235,26 +264,36 @@ class LoraRegistry:
                 victim = evictable.pop(0)
                 slot = self._slot_of.pop(victim)
                 self._lru.pop(victim)
+                self._slot_name[slot] = None
                 self.evictions += 1
                 log.info("adapter %r evicted from slot %d", victim, slot)
             self._write_slot(slot, self._get(name))
             self._slot_of[name], self._slot_name[slot] = slot, name
+            self._lru[name] = None  # evictable until pinned below, so a failure half-way leaks no slot
         for name in names:
             self._pins[name] += 1
             self._lru.pop(name, None)
         return True
 
-    def release(self, names) -> None:
-        """A request holding `names` ended: unpin them, dropping any that were being unloaded."""
-        for name in dict.fromkeys(names):
-            self._pins[name] -= 1
-            assert self._pins[name] >= 0, f"adapter {name!r} released more often than acquired"
-            if self._pins[name] == 0:
-                del self._pins[name]
-                if name in self._unloading or (name in self._merged and self._parents(name) & self._unloading):
-                    self._drop_if_free(name)
-                elif name in self._slot_of:
-                    self._lru[name] = None
+    def release(self, resolved: ResolvedMix, pinned: bool) -> None:
+        """A request ended: unpin its slots (if it was admitted) and drop its holds; adapters
+        waiting to unload go when their last holder does."""
+        if pinned:
+            for name in dict.fromkeys(n for n, _ in resolved.mix):
+                self._pins[name] -= 1
+                assert self._pins[name] >= 0, f"adapter {name!r} unpinned more often than pinned"
+                if not self._pins[name]:
+                    del self._pins[name]
+                    if name in self._slot_of:
+                        self._lru[name] = None
+        for name in resolved.held:
+            self._refs[name] -= 1
+            assert self._refs[name] >= 0, f"adapter {name!r} released more often than resolved"
+            if not self._refs[name]:
+                del self._refs[name]
+        for name in resolved.held:
+            if self._doomed(name):
+                self._drop_if_free(name)
 
     def slot(self, name: str) -> int:
         return self._slot_of[name]
@@ -265,6 +304,9 @@ class LoraRegistry:
 
     def pinned(self, name: str) -> int:
         return self._pins[name]
+
+    def held(self, name: str) -> int:
+        return self._refs[name]
 
     # ---- the device table -------------------------------------------------------------------
 
@@ -283,4 +325,4 @@ class LoraRegistry:
                     a[layer, :, :mod.rank] = mod.a
                     b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
             values[m] = (jax.device_put(a.astype(self.dtype)), jax.device_put(b.astype(self.dtype)))
-        self.tables = self._write(self.tables, np.int32(slot), values)
+        self.tables = self._set(self.tables, np.int32(slot), values)

@@ -110,6 +110,8 @@ class AsyncEngine:
 
     async def _call(self, fn):
         """Run fn() on the engine thread between steps; its result or exception comes back here."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {type(self.error).__name__}: {self.error}")
         if not self.ready:
             raise QueueFullError("the engine is still loading; retry shortly")
         loop = asyncio.get_running_loop()
@@ -249,6 +251,16 @@ class AsyncEngine:
         except BaseException as e:  # the loop itself broke: fail every stream loudly, keep the reason
             log.exception("engine loop crashed")
             self.error = e
+            dead = RuntimeError(f"the engine stopped: {type(e).__name__}: {e}")
+            for _, loop, future in self._unloads:  # nobody would ever answer these
+                loop.call_soon_threadsafe(_resolve, future, None, dead)
+            while True:
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg[0] == "call":
+                    msg[2].call_soon_threadsafe(_resolve, msg[3], None, dead)
             with self._lock:
                 rids = list(self._streams)
             for rid in rids:

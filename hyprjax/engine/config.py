@@ -58,6 +58,22 @@ class EngineConfig:
             n *= 2
         return out + [self.max_num_seqs]
 
+    def lora_buckets(self) -> tuple[list[int], list[int]]:
+        """(decode, prefill) bucket sizes of steps that carry adapters: a coarser grid.
+
+        XLA:CPU gives each compiled kernel its own memory mappings, and the model's layers are
+        unrolled, so a LoRA step (seven pair loops per layer) maps ~4x the kernels of a base
+        step. Compiling every base bucket again with LoRA ran past Linux's default
+        vm.max_map_count (65530) on a 28-layer model and the process died mid start-up. So
+        LoRA steps pad to decode sizes {0, 8, max} and prefill sizes {0, smallest, largest}:
+        at most 8 extra compiles. Padding a small decode batch costs little (decode reads every
+        weight whatever the batch); a short prefill chunk pays for the smallest bucket, a
+        longer one for the largest.
+        """
+        dec = [b for b in self.decode_buckets() if b in (0, 8) or b == self.max_num_seqs]
+        pf = self.prefill_buckets()
+        return dec, sorted({0, pf[1], pf[-1]}) if len(pf) > 1 else pf
+
     def prefill_buckets(self) -> list[int]:
         """Prefill-token counts (multiples of block_q): 0, then powers of two from 4 blocks up to
         the budget. Short prompts pad to 4 blocks: one bucket fewer per decode bucket to compile

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from ..adapters.lora import LoraAdapter
-from ..adapters.registry import LoraRegistry, LoraRequest
+from ..adapters.registry import LoraRegistry, LoraRequest, ResolvedMix
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
@@ -64,8 +64,8 @@ class _Request:
     key: np.ndarray  # u32[2]
     logprobs: int | None
     admitted: tuple = field(default=(None, -1))  # (slot, preemptions) the runner's penalty rows hold
-    lora_pinned: bool = False  # its adapters hold registry slots (from admission to the end)
-    lora_label: str | None = None  # metrics label: the adapter, or the mix's sorted names
+    lora: ResolvedMix | None = None  # its adapters, held in the registry until it ends
+    lora_pinned: bool = False  # its mix holds device slots (from admission to the end)
 
 
 def resolve_backend(name: str) -> str:
@@ -128,11 +128,19 @@ class LLMEngine:
         """Queue a request; returns its id. Raises QueueFullError when max_queue requests wait,
         AdapterNotFoundError / AdapterError for an unknown adapter or a bad mix."""
         self.validate(prompt_token_ids, params, logprobs)
-        mix, salt = (), b""
+        resolved = None
         if lora is not None:
             if self.lora is None:
                 raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
-            mix, salt = self.lora.resolve(lora)
+            resolved = self.lora.resolve(lora)  # holds its adapters: released on any failure below
+        try:
+            return self._add(prompt_token_ids, params, request_id, logprobs, resolved)
+        except BaseException:
+            if resolved is not None:
+                self.lora.release(resolved, pinned=False)
+            raise
+
+    def _add(self, prompt_token_ids, params, request_id, logprobs, resolved: ResolvedMix | None) -> str:
         if self.scheduler.num_waiting >= self.ecfg.max_queue:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_queue="
                                  f"{self.ecfg.max_queue}); retry later")
@@ -140,13 +148,14 @@ class LLMEngine:
         if rid in self._requests:
             raise HyprjaxError(f"request_id {rid!r} is already in use")
         # Build everything first and hand the sequence to the scheduler last: a failure leaves nothing.
-        seq = Sequence(rid, list(prompt_token_ids), params, lora=mix, cache_salt=salt)
+        seq = Sequence(rid, list(prompt_token_ids), params, lora=resolved.mix if resolved else (),
+                       cache_salt=resolved.salt if resolved else b"")
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos())
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else NullDecoder()
         seed = params.seed if params.seed is not None else fresh_seed()
         key = seed_key(seed)
         request = _Request(seq, OutputTracker(list(prompt_token_ids), params, eos, decoder), key, logprobs,
-                           lora_label=None if lora is None else "+".join(sorted(lora.adapters)))
+                           lora=resolved)
         self.scheduler.add(seq)
         self._requests[rid] = request
         self.prompt_tokens_total += len(prompt_token_ids)
@@ -188,9 +197,9 @@ class LLMEngine:
         return req.lora_pinned
 
     def _release_lora(self, req: _Request) -> None:
-        if req.lora_pinned:
-            self.lora.release([n for n, _ in req.seq.lora])
-            req.lora_pinned = False
+        if req.lora is not None:
+            self.lora.release(req.lora, req.lora_pinned)
+            req.lora, req.lora_pinned = None, False
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -4,7 +4,9 @@ Layout of a step's T tokens: [Td decode tokens | Tp prefill tokens], Td from
 `EngineConfig.decode_buckets()`, Tp from `prefill_buckets()`; each prefill chunk is padded to
 a multiple of `block_q` so a query block never spans two sequences. Rows (one per sequence that
 may sample) are [Td decode rows | max_prefill_seqs prefill rows]. Every (Td, Tp) pair is
-compiled at start-up (`warmup`), so serving never compiles.
+compiled at start-up (`warmup`), so serving never compiles. With adapters, steps whose rows
+carry a LoRA mix use a second, coarser grid (`EngineConfig.lora_buckets`, which says why), each
+compiled with the step's LoRA pairs; steps without one run the base compile and trace no LoRA.
 
 Penalty state lives on the device in tables indexed by the sequence's persistent slot:
 `counts[slot, v]` (output tokens, for presence/frequency) and `seen[slot, v]` (prompt and
@@ -97,7 +99,7 @@ class RowRequest:
     params: SamplingParams
     key: np.ndarray  # u32[2] the request's key data
     wants_logprobs: bool
-    lora: tuple = ()  # ((slot, weight), ...) of the sequence's adapter mix
+    lora: tuple[tuple[int, float], ...] = ()  # (slot, weight) of each adapter in the sequence's mix
 
 
 class ModelRunner:
@@ -120,6 +122,7 @@ class ModelRunner:
         self._admit = jax.jit(_admit, donate_argnums=(0, 1))
         self._decode_buckets = ecfg.decode_buckets()
         self._prefill_buckets = ecfg.prefill_buckets()
+        self._lora_decode_buckets, self._lora_prefill_buckets = ecfg.lora_buckets()
 
     # ---- packing -------------------------------------------------------------------------
 
@@ -135,9 +138,10 @@ class ModelRunner:
         the step's LoRA pairs (None when no row has an adapter: the step then runs the base-model
         compile of its bucket), and the row of each request in input order."""
         ps, bq = self.page_size, self.ecfg.block_q
-        td = self._bucket(self._decode_buckets, len(decodes))
+        with_lora = any(r.lora for r in decodes) or any(r.lora for r in prefills)
+        td = self._bucket(self._lora_decode_buckets if with_lora else self._decode_buckets, len(decodes))
         pf_tokens = sum(-(-len(r.token_ids) // bq) * bq for r in prefills)
-        tp = self._bucket(self._prefill_buckets, pf_tokens)
+        tp = self._bucket(self._lora_prefill_buckets if with_lora else self._prefill_buckets, pf_tokens)
         t, nrows = td + tp, td + self.ecfg.max_prefill_seqs
         tokens = np.zeros(t, np.int32)
         positions = np.full(t, -1, np.int32)
@@ -215,8 +219,9 @@ class ModelRunner:
 
     def warmup(self, max_model_len: int, progress: bool = True) -> int:
         """Compile every (decode, prefill) bucket and the admit buckets; returns how many steps ran."""
-        variants = (False, True) if self.lora_tables is not None else (False,)
-        combos = [(d, p, v) for v in variants for d in self._decode_buckets for p in self._prefill_buckets if d or p]
+        combos = [(d, p, False) for d in self._decode_buckets for p in self._prefill_buckets if d or p]
+        if self.lora_tables is not None:
+            combos += [(d, p, True) for d in self._lora_decode_buckets for p in self._lora_prefill_buckets if d or p]
         bar = tqdm(combos, desc="compiling step buckets", disable=not progress, leave=False)
         for d, p, with_lora in bar:
             bar.set_postfix_str(f"decode={d} prefill={p}" + (" lora" if with_lora else ""))

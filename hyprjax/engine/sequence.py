@@ -41,7 +41,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # page ids, in order
     slot: int | None = None  # row 0..max_num_seqs-1 in the runner's per-sequence tables, held while RUNNING
     num_preemptions: int = 0
-    lora: tuple = ()  # ((adapter name, weight), ...) the step adds, resolved by the engine
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter name, weight) the step adds, resolved by the engine
     cache_salt: bytes = b""  # root of the prefix-cache hash chain: the adapter mix, so K/V never cross mixes
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,14 +111,26 @@ def engine(world):
     return eng
 
 
-def _serve(engine, jobs):
-    """jobs: [(prompt, LoraRequest | None)] added at once -> token lists, in order."""
+def _serve(engine, jobs, stats=None):
+    """jobs: [(prompt, LoraRequest | None)] added at once -> token lists, in order. `stats` (a
+    dict) gets the most sequences that ran in one step."""
     ids = [engine.add_request(p, GREEDY, lora=lr) for p, lr in jobs]
     out = {rid: [] for rid in ids}
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] += o.new_token_ids
+        if stats is not None:
+            stats["max_running"] = max(stats.get("max_running", 0), engine.scheduler.num_running)
     return [out[rid] for rid in ids]
+
+
+def _small_engine(world, names, max_loras=2):
+    lm = world["lm"]
+    eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_loras=max_loras, max_lora_rank=16, **ENGINE),
+                    warmup=False, progress=False)
+    for n in names:
+        eng.add_adapter(world["adapters"][n])
+    return eng
 
 
 def test_heterogeneous_batch_equals_each_request_alone(world, engine):
@@ -126,7 +139,9 @@ def test_heterogeneous_batch_equals_each_request_alone(world, engine):
              LoraRequest.make(["a", "c"], {"a": 0.6, "c": 0.4}), LoraRequest.make(["b", "d"], [1.5, -0.5]),
              None, LoraRequest.make(["a"])]
     prompts = [rng.integers(3, 400, int(rng.integers(4, 40))).tolist() for _ in mixes]
-    together = _serve(engine, list(zip(prompts, mixes)))
+    stats = {}
+    together = _serve(engine, list(zip(prompts, mixes)), stats)
+    assert stats["max_running"] == 8  # all eight decoded in the same steps
     alone = [_serve(engine, [(p, m)])[0] for p, m in zip(prompts, mixes)]
     assert together == alone
     # and they differ from the base model, so the adapters were applied in the batch
@@ -140,20 +155,18 @@ def test_heterogeneous_batch_equals_each_request_alone(world, engine):
 
 
 def test_prefix_cache_never_crosses_adapters(world, engine):
+    """The base model's pages for a prompt are cached, then the prompt runs under an adapter: its
+    output must equal the adapter's on an engine that never saw the prompt (no reused K/V)."""
     prompt = list(range(10, 60))  # six full pages
-    base_first = _serve(engine, [(prompt, None)])[0]
-    with_a = _serve(engine, [(prompt, LoraRequest.make(["a"]))])[0]
-    assert with_a != base_first
-    assert _serve(engine, [(prompt, None)])[0] == base_first
-    assert _serve(engine, [(prompt, LoraRequest.make(["a"]))])[0] == with_a
+    fresh = _serve(_small_engine(world, ["a"]), [(prompt, LoraRequest.make(["a"]))])[0]
+    base = _serve(engine, [(prompt, None)])[0]
+    assert _serve(engine, [(prompt, LoraRequest.make(["a"]))])[0] == fresh != base
+    assert _serve(engine, [(prompt, LoraRequest.make(["a"], [0.5]))])[0] != fresh  # another mix, other K/V
+    assert _serve(engine, [(prompt, None)])[0] == base
 
 
 def test_more_adapters_than_slots_evict_and_wait(world):
-    lm = world["lm"]
-    eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_loras=2, max_lora_rank=16, **ENGINE), warmup=False,
-                    progress=False)
-    for n in "abcd":
-        eng.add_adapter(world["adapters"][n])
+    eng = _small_engine(world, "abcd")
     jobs = [(list(range(3, 20 + i)), LoraRequest.make([n])) for i, n in enumerate("abcdab")]
     together = _serve(eng, jobs)
     assert together == [_serve(eng, [j])[0] for j in jobs]
@@ -161,10 +174,7 @@ def test_more_adapters_than_slots_evict_and_wait(world):
 
 
 def test_unload_in_use_waits_for_the_request(world):
-    lm = world["lm"]
-    eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_loras=2, max_lora_rank=16, **ENGINE), warmup=False,
-                    progress=False)
-    eng.add_adapter(world["adapters"]["a"])
+    eng = _small_engine(world, "a")
     ref = _serve(eng, [(list(range(3, 30)), LoraRequest.make(["a"]))])[0]
     rid = eng.add_request(list(range(3, 30)), GREEDY, lora=LoraRequest.make(["a"]))
     tokens = []
@@ -187,7 +197,7 @@ def test_unload_in_use_waits_for_the_request(world):
     (LoraRequest.make(["a"], strategy="svd"), AdapterError, "not one of"),
     (LoraRequest.make(["a", "a"]), AdapterError, "twice"),
     (LoraRequest.make([]), AdapterError, "empty"),
-    (LoraRequest.make(["a", "b", "c", "d", "e"]), AdapterError, None),
+    (LoraRequest.make(["a", "b", "c", "d", "e"]), AdapterError, "exceeds --max-loras 4"),
 ])
 def test_bad_mixes_are_refused_and_leave_nothing(engine, req, err, match):
     with pytest.raises(err, match=match):
@@ -195,12 +205,26 @@ def test_bad_mixes_are_refused_and_leave_nothing(engine, req, err, match):
     assert not engine.has_unfinished()
 
 
+def test_queued_requests_hold_their_adapters(world):
+    """Requests still waiting in the queue keep their adapter (and a merged mix its parents)
+    through an unload; a merge cache smaller than the queue never drops a mix a request holds."""
+    eng = _small_engine(world, "ab", max_loras=1)
+    eng.lora.max_merged = 1
+    ref = _serve(_small_engine(world, "ab"), [([4, 5, 6, 7], LoraRequest.make(["a"]))])[0]
+    jobs = [([4, 5, 6, 7], LoraRequest.make(["a"]))] + [
+        ([4, 5, 6, 7], LoraRequest.make(["a", "b"], strategy="dare_linear", density=0.5, seed=s)) for s in range(3)]
+    ids = [eng.add_request(p, GREEDY, lora=lr) for p, lr in jobs]  # one slot: three of them must wait
+    assert eng.remove_adapter("a") is False and eng.remove_adapter("b") is False
+    out = {rid: [] for rid in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            out[o.request_id] += o.new_token_ids
+    assert out[ids[0]] == ref and all(len(out[r]) == GREEDY.max_tokens for r in ids)
+    assert eng.lora.all_names() == set() and eng.lora.num_resident == 0  # both unloaded once all ended
+
+
 def test_mix_beyond_max_loras_is_refused(world):
-    lm = world["lm"]
-    eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_loras=2, max_lora_rank=16, **ENGINE), warmup=False,
-                    progress=False)
-    for n in "abc":
-        eng.add_adapter(world["adapters"][n])
+    eng = _small_engine(world, "abc")
     with pytest.raises(AdapterError, match="--max-loras 2"):
         eng.add_request([5, 6], GREEDY, lora=LoraRequest.make(["a", "b", "c"]))
 
@@ -246,3 +270,42 @@ def test_llm_generate_with_per_prompt_adapters(world, tmp_path):
         llm.generate(prompts[:1], GREEDY, lora="nope")
     with pytest.raises(Exception, match="one per prompt"):
         llm.generate(prompts, GREEDY, lora=["a"])
+
+
+def test_runtime_load_paths_stay_inside_the_allowed_places(tmp_path):
+    from hyprjax.adapters.load import AdapterPathError, check_allowed
+
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    (root / "good").mkdir(parents=True)
+    (root / "sneaky").mkdir()
+    outside.mkdir()
+    for d in (root / "good", root / "sneaky", outside):
+        (d / "adapter_config.json").write_text("{}")
+    (root / "good" / "adapter_model.safetensors").write_bytes(b"")
+    (outside / "adapter_model.safetensors").write_bytes(b"")
+    (root / "sneaky" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    (root / "link").symlink_to(outside)
+    assert check_allowed(root / "good", [], root) == (root / "good").resolve()
+    assert check_allowed(outside, [outside], None) == outside.resolve()  # given with --lora
+    for bad in (outside, root / "sneaky", root / "link", f"{root}/../outside", root, "a\0b"):
+        with pytest.raises(AdapterPathError):
+            check_allowed(bad, [], root)
+    with pytest.raises(AdapterPathError, match="given with --lora"):
+        check_allowed(root / "good", [], None)
+
+
+def test_no_compiles_after_warmup_with_adapters_mixes_merges_and_evictions(world):
+    lm = world["lm"]
+    eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_loras=2, max_lora_rank=16, **ENGINE), progress=False)
+    for n in "abcd":
+        eng.add_adapter(world["adapters"][n])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+    rng = np.random.default_rng(3)
+    mixes = [None, LoraRequest.make(["a"]), LoraRequest.make(["b", "c"], [0.3, 0.7]), LoraRequest.make(["d"]),
+             LoraRequest.make(["a", "b"], strategy="ties", density=0.5), None, LoraRequest.make(["c"])]
+    jobs = [(rng.integers(3, 400, int(rng.integers(1, 100))).tolist(), m) for m in mixes * 2]
+    _serve(eng, jobs)
+    _serve(eng, jobs[:1])
+    assert compiles == [] and eng.lora.evictions > 0

@@ -183,5 +183,6 @@ def test_lora_apply_adds_both_regions_to_y(backend, td):
                                + [naive_lora_delta(xp, a, b, pf, block=bq)])
     if not td:
         dec = LoraPairs(*(v[:0] for v in dec[:3]), jnp.int32(0))
-    got = lora_apply(y, x, a, b, dec, pf, td=td, block_q=bq, backend=backend, interpret=True)
+    stack = lambda t: jnp.stack([jnp.full_like(t, jnp.nan), t])  # noqa: E731  layer 1 of a 2-layer table
+    got = lora_apply(y, x, stack(a), stack(b), dec, pf, layer=1, td=td, block_q=bq, backend=backend, interpret=True)
     np.testing.assert_allclose(got, want, **TOL[jnp.float32])
