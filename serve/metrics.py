@@ -113,8 +113,8 @@ class _EngineCollector(Collector):
         stats = self._engine.stats()
         labels = [self._engine.model_name]
 
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        def gauge(name, doc, value, family=GaugeMetricFamily):
+            g = family(name, doc, labels=["model_name"])
             g.add_metric(labels, float(value))
             return g
 
@@ -125,16 +125,12 @@ class _EngineCollector(Collector):
         if "prefix_cache_hit_rate" in stats:
             yield gauge("hyprjax:prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache.",
                         stats["prefix_cache_hit_rate"])
-        c = CounterMetricFamily("hyprjax:num_preemptions", "Requests preempted to free KV pages.",
-                                labels=["model_name"])
-        c.add_metric(labels, float(stats["num_preemptions_total"]))
-        yield c
+        yield gauge("hyprjax:num_preemptions", "Requests preempted to free KV pages.", stats["num_preemptions_total"],
+                    CounterMetricFamily)
         if "lora_adapters_loaded" in stats:
             yield gauge("hyprjax:lora_adapters_loaded", "LoRA adapters loaded (on the host).",
                         stats["lora_adapters_loaded"])
             yield gauge("hyprjax:lora_slots_in_use", "Device LoRA slots holding an adapter or mix.",
                         stats["lora_slots_in_use"])
-            e = CounterMetricFamily("hyprjax:lora_evictions", "Adapters evicted from device slots.",
-                                    labels=["model_name"])
-            e.add_metric(labels, float(stats["lora_evictions_total"]))
-            yield e
+            yield gauge("hyprjax:lora_evictions", "Adapters evicted from device slots.", stats["lora_evictions_total"],
+                        CounterMetricFamily)

@@ -48,16 +48,14 @@ def check_allowed(path: str | os.PathLike, allowed: list[str | os.PathLike], lor
     text = os.fspath(path)
     if "\0" in text:
         raise AdapterPathError(f"adapter path {text!r} holds a NUL byte")
-    roots = [Path(a).expanduser().resolve() for a in allowed]
-    if lora_dir is not None:
-        roots.append(Path(lora_dir).expanduser().resolve())
+    given = [Path(a).expanduser().resolve() for a in allowed]
+    roots = given + ([Path(lora_dir).expanduser().resolve()] if lora_dir is not None else [])
 
     def inside(p: Path) -> bool:
         return any(p == r or r in p.parents for r in roots)
 
     p = Path(text).expanduser().resolve()
-    ok = any(p == Path(a).expanduser().resolve() for a in allowed) or (
-        lora_dir is not None and inside(p) and p != roots[-1])
+    ok = p in given or (lora_dir is not None and inside(p) and p != roots[-1])
     if ok and p.is_dir():
         ok = all(inside((p / f).resolve()) for f in ("adapter_config.json", "adapter_model.safetensors"))
     if not ok:

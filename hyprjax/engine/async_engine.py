@@ -177,12 +177,16 @@ class AsyncEngine:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _drain_inbox(self) -> None:
+    def _inbox_messages(self):
+        """The messages queued so far, taken one by one."""
         while True:
             try:
-                msg = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for msg in self._inbox_messages():
             if msg[0] == "call":
                 _, fn, loop, future = msg
                 try:
@@ -254,11 +258,7 @@ class AsyncEngine:
             dead = RuntimeError(f"the engine stopped: {type(e).__name__}: {e}")
             for _, loop, future in self._unloads:  # nobody would ever answer these
                 loop.call_soon_threadsafe(_resolve, future, None, dead)
-            while True:
-                try:
-                    msg = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
+            for msg in self._inbox_messages():
                 if msg[0] == "call":
                     msg[2].call_soon_threadsafe(_resolve, msg[3], None, dead)
             with self._lock:

@@ -265,13 +265,11 @@ _GREEDY = SamplingParams(temperature=0.0)
 def _pairs(pairs: list[tuple[int, int, float]], capacity: int) -> LoraPairs:
     """Device LoraPairs of `capacity` entries holding `pairs` sorted by (slot, start), so
     consecutive pairs reuse one adapter while it is in cache."""
-    start = np.zeros(capacity, np.int32)
-    slot = np.zeros(capacity, np.int32)
-    weight = np.zeros(capacity, np.float32)
-    pairs = sorted(pairs)
     assert len(pairs) <= capacity, f"{len(pairs)} LoRA pairs exceed the bucket's {capacity}"
-    for i, (s, t, w) in enumerate(pairs):
-        slot[i], start[i], weight[i] = s, t, w
+    table = np.zeros((capacity, 3), np.float64)
+    if pairs:
+        table[:len(pairs)] = sorted(pairs)  # (slot, start, weight) rows
+    slot, start, weight = table[:, 0].astype(np.int32), table[:, 1].astype(np.int32), table[:, 2].astype(np.float32)
     put = jax.device_put
     return LoraPairs(put(start), put(slot), put(weight), put(np.int32(len(pairs))))
 
