@@ -2,9 +2,13 @@
 
     python bench/llamacpp.py bench/models/qwen3-0.6b-f16.gguf --threads 2
 
+    python bench/llamacpp.py --build-server        # llama.cpp's llama-server, built for this CPU
+
 The engine runs in a child process, so a crash inside llama.cpp (these VMs advertise AMX and then
 kill a process with SIGILL on its first AMX instruction) comes back as an error, never kills the
-caller. Both engines are fed token ids, not text, so hyprjax and llama.cpp see identical input.
+caller. llama.cpp is built with this CPU's instruction sets read from /proc/cpuinfo
+(`ggml_cmake_flags`), never a fixed list: a flag the CPU lacks is a SIGILL at run time.
+Both engines are fed token ids, not text, so hyprjax and llama.cpp see identical input.
 Prefill is one fresh prompt of `n_prompt` tokens (llama-bench's pp512); decode is greedy batch-1
 generation right after that prompt, timed over the n_gen-1 single-token steps after the first
 token (the first comes from the prefill logits), as llama.cpp's own "eval time" counts it.
@@ -13,22 +17,71 @@ token (the first comes from the prefill logits), as llama.cpp's own "eval time" 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 BACKENDS = ("llama-cpp-python", "xllamacpp")
-INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
-           '-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON '
-           '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF" '
-           'pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36  (docs/llamacpp.md: why, and flags)')
+LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose sdist (with llama.cpp vendored) we build
+CACHE = Path(os.environ.get("HYPRJAX_CACHE", Path.home() / ".cache" / "hyprjax"))
+
+# llama.cpp's x86 cmake options and the /proc/cpuinfo flags each needs. GGML_AVX512 compiles with
+# -mavx512f/cd/vl/dq/bw (ggml/src/ggml-cpu/CMakeLists.txt), so it needs all five. AVX-VNNI
+# (`avx_vnni`, the VEX form) is not AVX512-VNNI: an AMD EPYC with avx512_vnni but no avx_vnni
+# died of SIGILL in a build with GGML_AVX_VNNI=ON.
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+ISA_OPTIONS = {
+    "GGML_SSE42": ("sse4_2",),
+    "GGML_AVX": ("avx",),
+    "GGML_AVX2": ("avx2",),
+    "GGML_BMI2": ("bmi2",),
+    "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",),
+    "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": _AVX512,
+    "GGML_AVX512_VBMI": _AVX512 + ("avx512vbmi",),
+    "GGML_AVX512_VNNI": _AVX512 + ("avx512_vnni",),
+    "GGML_AVX512_BF16": _AVX512 + ("avx512_bf16",),
+}
+# AMX stays off whatever the CPU claims: these VMs list amx_* flags and SIGILL on the first AMX op.
+AMX_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The `flags` of the first processor in /proc/cpuinfo text (the file itself when None)."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def ggml_cmake_flags(flags) -> list[str]:
+    """llama.cpp's cmake -D options for a CPU with these /proc/cpuinfo `flags`: native detection off,
+    each x86 extension on exactly when the CPU has it, AMX off."""
+    have = set(flags)
+    isa = [f"-D{opt}={'ON' if all(f in have for f in need) else 'OFF'}" for opt, need in ISA_OPTIONS.items()]
+    return ["-DGGML_NATIVE=OFF", *isa, *(f"-D{opt}=OFF" for opt in AMX_OFF)]
+
+
+def install_command(flags=None) -> str:
+    """The pip command that builds llama-cpp-python from source for this CPU (or one with `flags`)."""
+    cmake = " ".join(ggml_cmake_flags(cpu_flags() if flags is None else flags) + ["-DLLAMA_CURL=OFF"])
+    return (f'CMAKE_ARGS="{cmake}" pip install --no-binary llama-cpp-python '
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}  (docs/llamacpp.md)")
 
 
 class LlamaCppError(RuntimeError):
@@ -57,7 +110,7 @@ def run_llamacpp(gguf_path: str, n_prompt: int = 512, n_gen: int = 128, threads:
     """Benchmark llama.cpp on `gguf_path`; returns dict(prefill_tok_s, decode_tok_s, tokens, backend, version, ...).
 
     `prompt_tokens` overrides the seeded `default_prompt(n_prompt, vocab)`; `tokens` are the n_gen
-    greedy ids of the last repeat (None from xllamacpp when its reply merged partial-UTF-8 tokens).
+    greedy ids of the last repeat.
     Speeds are medians over `repeats` (each run is in `prefill_runs` / `decode_runs`). `kv_type`
     "f32" keeps the KV cache exact (token-equality tests); "f16" is llama.cpp's default. `flash_attn`
     True matches llama.cpp's own default ("auto", which turns it on for the CPU backend).
@@ -67,7 +120,8 @@ def run_llamacpp(gguf_path: str, n_prompt: int = 512, n_gen: int = 128, threads:
         raise ValueError(f"gguf_path {str(gguf_path)!r} is not a file")
     name = available_backend(backend)
     if name is None:
-        raise LlamaCppError(f"llama.cpp ({backend}) is not installed; install it with: {INSTALL}")
+        raise LlamaCppError(f"llama.cpp ({backend}) is not installed: pip install xllamacpp, or build it "
+                            f"with: {install_command()}")
     if kv_type not in ("f16", "f32"):
         raise ValueError(f"kv_type {kv_type!r}: choose f16 or f32")
     if n_gen < 2 or (prompt_tokens is None and n_prompt < 1) or repeats < 1:
@@ -88,6 +142,81 @@ def run_llamacpp(gguf_path: str, n_prompt: int = 512, n_gen: int = 128, threads:
                 why += " (an instruction this CPU refuses, e.g. AMX: rebuild with AMX off, docs/llamacpp.md)"
         raise LlamaCppError(f"llama.cpp ({name}) on {gguf_path}: {why}\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---- llama-server from source ----------------------------------------------------------------
+
+# Only what llama-server needs, nothing fetched at build time (the web UI would be downloaded).
+_SERVER_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+
+
+def llama_server_path(cache: Path = CACHE, flags=None) -> Path:
+    """Where `build_llama_server` keeps the binary for this CPU's flag set (it may not exist yet)."""
+    cmake = ggml_cmake_flags(cpu_flags() if flags is None else flags)
+    tag = hashlib.sha256(" ".join(cmake + _SERVER_CMAKE).encode()).hexdigest()[:10]
+    return Path(cache) / f"llama-server-{LLAMA_CPP_PYTHON}-{tag}"
+
+
+def build_llama_server(cache: Path = CACHE, jobs: int | None = None) -> Path:
+    """llama.cpp's own llama-server, built from llama-cpp-python's sdist with this CPU's ISA flags.
+
+    Cached under `cache` by version and flag set, so a second call returns at once. Needs cmake and
+    g++ (apt-get install -y cmake g++); 9 minutes of CPU time, about 5 on 2 idle cores. Progress
+    goes to stderr, the full logs beside the build directory. Raises LlamaCppError if a step fails.
+    """
+    binary = llama_server_path(cache)
+    if binary.is_file():
+        return binary
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise LlamaCppError(f"building llama-server needs {tool}: apt-get install -y cmake g++")
+    work = Path(cache) / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not (src / "CMakeLists.txt").is_file():
+        _say(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist")
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(work),
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], work / "download.log")
+        sdist = work / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        _say(f"unpacking {sdist.name}")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+    flags = ggml_cmake_flags(cpu_flags())
+    _say("configuring: " + " ".join(flags))
+    build = work / f"build-{binary.name}"
+    _run(["cmake", "-S", str(src), "-B", str(build), *flags, *_SERVER_CMAKE], work / f"{build.name}.configure.log")
+    jobs = jobs or os.cpu_count() or 2
+    log = work / f"{build.name}.log"
+    _say(f"building llama-server with {jobs} jobs (log: {log})")
+    t0 = time.perf_counter()
+    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)], log, progress=True)
+    tmp = binary.with_name(binary.name + ".tmp")
+    shutil.copy2(build / "bin" / "llama-server", tmp)
+    tmp.replace(binary)  # never a half-copied binary under the final name
+    _say(f"built {binary} in {time.perf_counter() - t0:.0f} s")
+    return binary
+
+
+def _say(msg: str) -> None:
+    print(f"[llama-server build] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str], log_path: Path, progress: bool = False) -> None:
+    """Run `cmd` with its output in `log_path`; echo cmake's [ NN%] lines when `progress`."""
+    shown = -1
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            log.write(line)
+            pct = line[1:4].strip() if line.startswith("[") and line[4:6] == "%]" else ""
+            if progress and pct.isdigit() and int(pct) >= shown + 5:
+                shown = int(pct)
+                _say(line.rstrip()[:120])
+    if p.wait() != 0:
+        tail = log_path.read_text()[-3000:]
+        raise LlamaCppError(f"{cmd[0]} failed (exit status {p.returncode}; log: {log_path}):\n{tail}")
 
 
 # ---- child process ---------------------------------------------------------------------------
@@ -136,6 +265,9 @@ def _run_llama_cpp_python(a: dict) -> dict:
 
 
 def _run_xllamacpp(a: dict) -> dict:
+    import urllib.error
+    import urllib.request
+
     import xllamacpp as xlc
     from xllamacpp import _version
 
@@ -149,25 +281,27 @@ def _run_xllamacpp(a: dict) -> dict:
     p.cache_type_k = p.cache_type_v = kv
     fa = xlc.llama_flash_attn_type
     p.flash_attn_type = fa.LLAMA_FLASH_ATTN_TYPE_ENABLED if a["flash_attn"] else fa.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    p.hostnames, p.port = ["127.0.0.1"], 0  # llama-server's HTTP listener on a free port
     server = xlc.Server(p)
     prompt = a["prompt"] or default_prompt(n_prompt, _gguf_vocab_size(a["path"]))
+    # llama.cpp's native /completion over HTTP, not handle_completions: only the native reply has
+    # `return_tokens`, the exact ids (the OpenAI-shaped one drops a token that ends mid-UTF-8 character).
+    body = json.dumps(dict(prompt=prompt, n_predict=a["n_gen"], temperature=0.0, top_k=1, ignore_eos=True,
+                           cache_prompt=False, return_tokens=True)).encode()
     pre, dec = [], []
     for i in range(a["repeats"] + 1):  # the first request is the warm-up
-        # top_k=1 is greedy; logprobs is the only place the OpenAI-style reply carries token ids.
-        r = server.handle_completions(dict(prompt=prompt, n_predict=a["n_gen"], max_tokens=a["n_gen"],
-                                           temperature=0.0, top_k=1, ignore_eos=True, cache_prompt=False,
-                                           logprobs=1))
-        if "error" in r:
-            raise RuntimeError(f"xllamacpp: {r['error']}")
+        req = urllib.request.Request(server.listening_address + "/completion", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=3600) as f:
+                r = json.loads(f.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"xllamacpp /completion: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
         if i == 0:
             continue
-        t = r["timings"]
-        pre.append(t["prompt_per_second"])
-        dec.append(t["predicted_per_second"])
-        tokens = [c["id"] for c in r["choices"][0]["logprobs"]["content"]]
-    if len(tokens) != a["n_gen"]:
-        # The reply folds a token that ends mid-UTF-8 character into the next entry, dropping its id.
-        tokens = None
+        pre.append(r["timings"]["prompt_per_second"])
+        dec.append(r["timings"]["predicted_per_second"])
+        tokens = r["tokens"]
     return dict(prefill_tok_s=statistics.median(pre), decode_tok_s=statistics.median(dec), tokens=tokens,
                 prefill_runs=pre, decode_runs=dec, n_prompt=n_prompt, n_gen=a["n_gen"], threads=a["threads"],
                 flash_attn=a["flash_attn"], kv_type=a["kv_type"],
@@ -190,10 +324,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
     p.add_argument("--no-flash-attn", action="store_true", help="llama.cpp's default is flash attention on (CPU)")
+    p.add_argument("--build-server", action="store_true",
+                   help="build llama.cpp's llama-server for this CPU (cached) and print its path")
+    p.add_argument("--print-cmake-flags", action="store_true", help="print this CPU's llama.cpp cmake flags")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(_worker(json.loads(sys.stdin.read()))))
+        return
+    if a.print_cmake_flags:
+        print(" ".join(ggml_cmake_flags(cpu_flags())))
+        return
+    if a.build_server:
+        print(build_llama_server())
         return
     if not a.gguf:
         p.error("a GGUF path is needed")

@@ -151,7 +151,7 @@ def micro_step(engine, c: int, ctx: int, ks: list[int], iters: int) -> dict:
 
     from hyprjax import SamplingParams
     from hyprjax.engine.runner import RowRequest, _pairs  # the runner's own pair packer: the same shapes
-    from hyprjax.model import LoraStep
+    from hyprjax.engine.paged import LoraStep
     from hyprjax.sampling import seed_key
 
     runner, ps = engine.runner, engine.ecfg.page_size

@@ -2,6 +2,7 @@
 
     python bench/serve.py --model bench/models/qwen3-0.6b-f16.gguf --concurrency 1 8 32
     python bench/serve.py --model ... --skip-hyprjax --concurrency 1 2 --num-requests 4 --output-len 8 16
+    python bench/serve.py --model ... --llama-server build   # llama.cpp's llama-server built for this CPU
 
 For each engine in turn (hyprjax, then llama.cpp) and each concurrency C, it starts the server
 in a subprocess with C parallel sequences (hyprjax `--max-num-seqs C`; llama.cpp `n_parallel = C`
@@ -199,7 +200,14 @@ def llamacpp_server(a, concurrency: int, log_dir: Path) -> ServerProcess:
                   ctx_per_slot=a.max_model_len, n_ctx=a.max_model_len * concurrency, threads=a.threads,
                   n_batch=a.max_num_batched_tokens, n_ubatch=min(512, a.max_num_batched_tokens),
                   cont_batching=True, kv_unified=False, flash_attn="auto")
-    argv = [sys.executable, str(Path(__file__).resolve()), "--llamacpp-worker", json.dumps(config)]
+    if a.llama_server:  # llama.cpp's own binary, the same settings as its command-line flags
+        config["backend"] = f"llama-server ({a.llama_server})"
+        argv = [str(a.llama_server), "-m", config["model"], "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(concurrency), "-c", str(config["n_ctx"]), "-b", str(config["n_batch"]),
+                "-ub", str(config["n_ubatch"]), "-t", str(a.threads), "-tb", str(a.threads), "-cb",
+                "--no-kv-unified", "-fa", config["flash_attn"], "--metrics", "--no-webui"]
+    else:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--llamacpp-worker", json.dumps(config)]
     return ServerProcess("llamacpp", argv, port, log_dir / f"llamacpp-c{concurrency}.log", config)
 
 
@@ -355,6 +363,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512,
                     help="tokens per engine step: hyprjax's flag and llama.cpp's n_batch (default 512)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    ap.add_argument("--llama-server", metavar="PATH|build",
+                    help="run llama.cpp's own llama-server binary instead of xllamacpp's; 'build' builds it "
+                         "for this CPU's instruction sets from llama-cpp-python's sdist (cached; about 5 minutes "
+                         "on 2 idle cores the first time; bench/llamacpp.py, docs/llamacpp.md)")
     ap.add_argument("--hyprjax-args", default="", help="extra flags for `hyprjax serve`, one quoted string")
     ap.add_argument("--skip-hyprjax", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
@@ -382,12 +394,23 @@ def main(argv=None) -> int:
     engines = [e for e in ENGINES if not getattr(a, f"skip_{e}")]
     if not engines:
         ap.error("both engines skipped: nothing to do")
-    if "llamacpp" in engines:
+    if "llamacpp" in engines and a.llama_server == "build":
+        from llamacpp import LlamaCppError, build_llama_server
+
+        try:
+            a.llama_server = build_llama_server()
+        except LlamaCppError as e:
+            ap.error(f"--llama-server build: {e}")
+    elif "llamacpp" in engines and a.llama_server:
+        a.llama_server = Path(a.llama_server).resolve()
+        if not os.access(a.llama_server, os.X_OK) or not a.llama_server.is_file():
+            ap.error(f"--llama-server {str(a.llama_server)!r} is not an executable file (or pass 'build')")
+    elif "llamacpp" in engines:
         import importlib.util
 
         if importlib.util.find_spec("xllamacpp") is None:
             ap.error("llama.cpp's server comes from xllamacpp: pip install xllamacpp==2026.10.11549 "
-                     "(docs/llamacpp.md), or pass --skip-llamacpp")
+                     "(docs/llamacpp.md), or pass --llama-server build, or --skip-llamacpp")
 
     out, log_dir = Path(a.out), Path(a.log_dir)
     prompt_ids = gguf_prompt_ids(str(a.model))

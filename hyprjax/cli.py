@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from .compile_cache import ENV_VAR
 from .errors import HyprjaxError
 from .serve.main import positive_int
 
@@ -27,6 +28,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                   help="split the model over N devices (tensor parallelism; default 1: one device)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", default=None, metavar="DIR",
+                       help="keep compiled steps in DIR so the next start loads them instead of compiling "
+                            f"(default: ${ENV_VAR}, else ~/.cache/hyprjax/jax)")
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", default=None,
+                       help="compile everything at start-up; read and write no compile cache")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -103,7 +112,8 @@ def _load(args):
     from .llm import LLM
 
     print(f"loading {_model_arg(args)} ...", file=sys.stderr)
-    return LLM(_model_arg(args), dtype=args.dtype, max_model_len=args.max_model_len)
+    return LLM(_model_arg(args), dtype=args.dtype, max_model_len=args.max_model_len,
+               compile_cache=args.compile_cache, tensor_parallel=args.tensor_parallel)
 
 
 def cmd_info(args) -> int:
@@ -182,12 +192,15 @@ def cmd_serve(args) -> int:
     from .engine.config import EngineConfig
     from .engine.llm_engine import LLMEngine
     from .adapters.load import read_adapter
+    from .compile_cache import cache_stats, enable_compile_cache
     from .formats.load import load_model
     from .llm import resolve_dtype
     from .serve.app import create_app
+    from .sharding import shard_model, tensor_parallel_mesh
     from .serve.main import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    enable_compile_cache(args.compile_cache)
     source = _model_arg(args)
     if len({n for n, _ in args.lora}) != len(args.lora):
         raise HyprjaxError(f"--lora names an adapter twice: {[n for n, _ in args.lora]}")
@@ -196,14 +209,17 @@ def cmd_serve(args) -> int:
     max_loras = args.max_loras if args.max_loras is not None else (8 if args.lora or args.lora_dir else 0)
     if max_loras < 0 or (max_loras == 0 and (args.lora or args.lora_dir)):
         raise HyprjaxError(f"--max-loras {max_loras}: serving adapters needs at least one slot")
+    mesh = tensor_parallel_mesh(args.tensor_parallel)
     print(f"loading {source} ...", file=sys.stderr)
     loaded = load_model(source, dtype=resolve_dtype(args.dtype))  # bad files fail here, before serving
+    if mesh is not None:
+        shard_model(loaded.model, loaded.cfg, mesh)
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
     max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens or max(256, args.max_num_seqs),
                         page_size=args.page_size, num_pages=args.num_pages,
-                        kv_cache_memory=args.kv_cache_memory or EngineConfig.kv_cache_memory,
+                        kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank)
     names = args.served_model_name or [loaded.path.stem if loaded.path.is_file() else loaded.path.name]
@@ -216,12 +232,14 @@ def cmd_serve(args) -> int:
 
     def build():  # compile the step buckets while /health answers 503
         try:
-            engine = LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg)
+            engine = LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg, mesh=mesh)
             for adapter in adapters:
                 engine.add_adapter(adapter)
             front.attach(engine)
+            hits, misses = cache_stats()["hits"], cache_stats()["misses"]
+            cached = f"; compile cache: {hits} programs loaded, {misses} compiled" if hits + misses else ""
             print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r}, context "
-                  f"{front.max_model_len} tokens)", file=sys.stderr)
+                  f"{front.max_model_len} tokens{cached})", file=sys.stderr)
         except HyprjaxError as e:  # a setting the engine refuses: one line, then stop the server
             print(f"hyprjax: error: {e}", file=sys.stderr)
             os._exit(EXIT_USAGE)

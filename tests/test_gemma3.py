@@ -7,7 +7,6 @@ import pytest
 from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.formats.load import load_model
 from hyprjax.generate import Generator
-from hyprjax.model import init_cache
 from hyprjax.sampling import SamplingParams
 
 ATOL = 1e-4
@@ -34,7 +33,7 @@ def test_config_reads_the_layer_pattern_and_both_rope_bases(pair):
 def test_logits_match_transformers(pair):
     hf, ours = pair
     pos = jnp.arange(len(PROMPT))[None]
-    logits, _ = ours.model(jnp.asarray([PROMPT]), pos, init_cache(ours.cfg, 1, 32, jnp.float32))
+    logits, _ = ours.model(jnp.asarray([PROMPT]), pos)
     np.testing.assert_allclose(np.asarray(logits[0]), hf_logits(hf, PROMPT), atol=ATOL, rtol=0)
 
 

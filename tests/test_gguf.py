@@ -10,10 +10,10 @@ from tests.tiny_models import make_hf_model
 from hyprjax.formats.gguf_read import SUPPORTED, GGUFFile
 from hyprjax.formats.gguf_write import write_gguf
 from hyprjax.formats.load import load_model
-from hyprjax.model import init_cache
+from tests.deps import need
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = need("torch")
+transformers = need("transformers")
 from bench.make_model import build_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -65,7 +65,7 @@ def _make_twin(arch, d):
 
 def _logits(loaded, ids):
     pos = jnp.arange(len(ids))[None]
-    logits, _ = loaded.model(jnp.asarray([ids]), pos, init_cache(loaded.cfg, 1, 32, jnp.float32))
+    logits, _ = loaded.model(jnp.asarray([ids]), pos)
     return np.asarray(logits[0])
 
 

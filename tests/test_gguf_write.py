@@ -6,10 +6,12 @@ import gguf
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.deps import missing, need
 
-from bench.llamacpp import INSTALL, available_backend, run_llamacpp  # noqa: E402
+torch = need("torch")
+transformers = need("transformers")
+
+from bench.llamacpp import available_backend, run_llamacpp  # noqa: E402
 from bench.make_model import build_tokenizer  # noqa: E402
 from hyprjax.config import ModelConfig  # noqa: E402
 from hyprjax.formats.gguf_write import QTYPES, tensor_qtype, write_gguf  # noqa: E402
@@ -190,7 +192,7 @@ PROMPT = [5, 77, 300, 12, 140, 141, 9, 500, 42, 260, 33, 7, 410, 220, 91, 18, 64
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
 def test_transformers_loads_f32_with_equal_logits(models, arch):
-    pytest.importorskip("accelerate", reason="transformers loads GGUF only with accelerate: pip install accelerate")
+    need("accelerate", "transformers loads GGUF only with accelerate")
     tiny = models[arch]
     path = _write(tiny, "F32")
     # transformers' qwen3 GGUF reader ignores attention.key_length (head_dim falls back to 128),
@@ -213,9 +215,10 @@ def _greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.skipif(available_backend() is None, reason=f"llama.cpp is not installed; install: {INSTALL}")
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
 def test_llamacpp_greedy_tokens_equal_transformers(models, arch):
+    if available_backend() is None:  # xllamacpp's prebuilt wheel (the test extra) or llama-cpp-python
+        missing("llama.cpp is not installed (pip install xllamacpp, in the test extra)")
     tiny = models[arch]
     path = _write(tiny, "F32")
     want = _greedy(tiny["model"], PROMPT, 8)

@@ -7,7 +7,7 @@ import pytest
 from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.formats.load import load_model
 from hyprjax.generate import Generator
-from hyprjax.model import init_cache
+from tests.paged_steps import new_pool, paged_step
 from hyprjax.sampling import SamplingParams
 
 ATOL = 1e-4
@@ -51,22 +51,22 @@ def _batch(prompts):
 def test_logits_match_transformers_on_a_ragged_batch(pair):
     hf, ours = pair
     tokens, positions = _batch(PROMPTS)
-    cache = init_cache(ours.cfg, len(PROMPTS), 32, jnp.float32)
-    logits, _ = ours.model(tokens, positions, cache)
+    logits, _ = ours.model(tokens, positions)
     for i, p in enumerate(PROMPTS):
         np.testing.assert_allclose(np.asarray(logits[i, :len(p)]), hf_logits(hf, p), atol=ATOL, rtol=0)
 
 
-def test_prefill_then_decode_equals_full_forward(pair):
+def test_paged_prefill_then_decode_equals_full_forward(pair):
     hf, ours = pair
     p = PROMPTS[1]
-    full, _ = ours.model(*_batch([p]), init_cache(ours.cfg, 1, 32, jnp.float32))
+    full, _ = ours.model(*_batch([p]))
     split = 5
-    cache = init_cache(ours.cfg, 1, 32, jnp.float32)
-    _, cache = ours.model(*_batch([p[:split]]), cache)
+    pool = new_pool(ours.cfg, num_pages=8, page_size=4)
+    logits, pool = paged_step(ours.model, pool, p[:split], 0, decode=False, block_q=4)
+    np.testing.assert_allclose(logits, np.asarray(full[0, :split]), atol=ATOL, rtol=0)
     for pos in range(split, len(p)):
-        step, cache = ours.model(jnp.asarray([[p[pos]]]), jnp.asarray([[pos]]), cache)
-        np.testing.assert_allclose(np.asarray(step[0, 0]), np.asarray(full[0, pos]), atol=ATOL, rtol=0)
+        step, pool = paged_step(ours.model, pool, [p[pos]], pos, decode=True)
+        np.testing.assert_allclose(step[0], np.asarray(full[0, pos]), atol=ATOL, rtol=0)
 
 
 def test_32_greedy_tokens_equal_transformers_generate(pair):

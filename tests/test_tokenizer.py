@@ -18,9 +18,10 @@ from tokenizers.models import BPE
 from hyprjax.errors import HyprjaxError
 from hyprjax.gguf_vocab import read_gguf_metadata
 from hyprjax.tokenizer import Tokenizer
+from tests.deps import need
 
-transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+transformers = need("transformers")
+spm = need("sentencepiece")
 
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.deps import need
+
+torch = need("torch")
+transformers = need("transformers")
 
 
 def make_hf_model(out_dir, arch: str = "qwen3", seed: int = 0, **overrides):
@@ -49,3 +50,10 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def hf_logprobs(model, ids: list[int]) -> np.ndarray:
+    """float32 log-softmax [T, V] of transformers' logits on one unpadded prompt."""
+    logits = hf_logits(model, ids)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

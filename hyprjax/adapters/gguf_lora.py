@@ -43,8 +43,8 @@ _REL = 1e-6  # scales this close are one scale: alpha is stored as f32 (relative
 
 def _targets(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
     """GGUF base name (e.g. 'blk.3.attn_q.weight') -> (layer, module name), from the one name table."""
-    return {s.gguf: (s.path[1], s.path[3]) for s in tensor_table(cfg)
-            if s.path[0] == "layers" and len(s.path) == 5 and s.path[3] in MODULES and s.path[4] == "kernel"}
+    return {s.gguf: (s.layer, s.module) for s in tensor_table(cfg)
+            if s.layer is not None and s.module in MODULES and s.path[-1] == "kernel"}
 
 
 def file_scale(alpha: float, rank: int) -> float:

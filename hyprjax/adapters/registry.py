@@ -18,7 +18,11 @@ used unpinned ones, and waits at the head of the queue when every slot is pinned
 behind it wait too: admission is first come, first served).
 
 Owned by the engine thread. The server's thread calls only `names()`, `all_names()`, `check()`
-and `in`, which read (copies of) dicts, atomic under the GIL.
+and `in`, which read (copies of) dicts, atomic under the GIL, and `prepare()`, which computes a
+merged mix on a worker thread (a merge takes long enough to stall every running stream if the
+engine thread ran it): it snapshots the adapters under `_lock`, which every change to the names
+(`_adapters`, `_ids`, `_merged`, `_unloading`) holds, and merges outside it; the engine thread
+then only registers the result in `resolve(req, prepared)`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import hashlib
 import itertools
 import logging
 import math
+import threading
 from collections import Counter, OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import jax
@@ -88,6 +94,18 @@ class ResolvedMix:
     salt: bytes  # the prefix-cache root: K/V computed under this mix only
 
 
+@dataclass(frozen=True)
+class PreparedMerge:
+    """A merged mix `LoraRegistry.prepare` computed off the engine thread, for `resolve` to register.
+
+    `key` names the mix and its parents' load generations, so `resolve` uses `adapter` only if
+    no parent was reloaded in between.
+    """
+
+    key: str
+    adapter: LoraAdapter
+
+
 class LoraRegistry:
     """Named adapters, the device slot table, and which request holds which adapter and slot.
 
@@ -96,17 +114,19 @@ class LoraRegistry:
     admitted with it in a slot (from `acquire` until `release`; a pinned slot is never evicted).
     """
 
-    def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None):
+    def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None,
+                 sharding=None):
         if max_loras < 1:
             raise AdapterError(f"max_loras={max_loras} must be >= 1 to serve adapters")
         self.cfg, self.max_loras, self.max_rank, self.dtype = cfg, max_loras, max_rank, dtype
         self.max_merged = max_merged or 2 * max_loras
         self._shapes = module_shapes(cfg)
-        nl = cfg.num_layers
-        self.tables = {m: (jnp.zeros((nl, max_loras, din, max_rank), dtype),
-                           jnp.zeros((nl, max_loras, max_rank, dout), dtype))
-                       for m, (din, dout) in self._shapes.items()}
-        self._set = jax.jit(_set_slot, donate_argnums=0)
+        # sharding: module -> (a, b) NamedShardings under tensor parallelism (hyprjax.sharding.
+        # lora_table_sharding), or None; slot writes keep the tables placed so (out_shardings).
+        self._table_shardings = None if sharding is None else {m: sharding(m) for m in self._shapes}
+        self.tables = self._zero_tables()
+        self._set = jax.jit(_set_slot, donate_argnums=0, **({} if sharding is None else
+                                                           dict(out_shardings=self._table_shardings)))
         self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writer now, not while serving
         self._adapters: dict[str, LoraAdapter] = {}  # loaded by users
         self._merged: OrderedDict[str, LoraAdapter] = OrderedDict()  # mixes, least recently used first
@@ -118,6 +138,8 @@ class LoraRegistry:
         self._refs: Counter = Counter()
         self._pins: Counter = Counter()
         self._unloading: set[str] = set()
+        self._lock = threading.RLock()  # held by every change to the names prepare() reads
+        self._preparing: dict[str, Future] = {}  # merge key -> its merge in progress (guarded by _lock)
         self.evictions = 0
 
     @property
@@ -133,8 +155,9 @@ class LoraRegistry:
         if adapter.name in self._adapters:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
         adapter.check_fits(self.cfg, self.max_rank)
-        self._adapters[adapter.name] = adapter
-        self._ids[adapter.name] = next(self._gen)
+        with self._lock:
+            self._adapters[adapter.name] = adapter
+            self._ids[adapter.name] = next(self._gen)
         log.info("adapter %r loaded from %s (rank %d, %s)", adapter.name, adapter.path, adapter.rank,
                  ", ".join(adapter.target_modules))
 
@@ -153,7 +176,8 @@ class LoraRegistry:
         """Unload `name`: at once if no request holds it (True), else when the last one ends (False)."""
         if name not in self._adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
-        self._unloading.add(name)
+        with self._lock:
+            self._unloading.add(name)
         for key in [k for k, a in self._merged.items() if name in a.parents]:
             self._drop_if_free(key)
         return self._drop_if_free(name)
@@ -170,13 +194,14 @@ class LoraRegistry:
         if slot is not None:
             self._slot_name[slot] = None
             self._lru.pop(name, None)
-        self._ids.pop(name, None)
-        if name in self._merged:
-            del self._merged[name]
-        elif name in self._adapters:
-            del self._adapters[name]
-            self._unloading.discard(name)
-            log.info("adapter %r unloaded", name)
+        with self._lock:
+            self._ids.pop(name, None)
+            if name in self._merged:
+                del self._merged[name]
+            elif name in self._adapters:
+                del self._adapters[name]
+                self._unloading.discard(name)
+                log.info("adapter %r unloaded", name)
         return True
 
     # ---- requests ---------------------------------------------------------------------------
@@ -212,11 +237,12 @@ class LoraRegistry:
         if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed < 2**63:
             raise AdapterError(f"lora_seed {req.seed!r} must be an integer >= 0")
 
-    def resolve(self, req: LoraRequest) -> ResolvedMix:
+    def resolve(self, req: LoraRequest, prepared: PreparedMerge | None = None) -> ResolvedMix:
         """Check a request's mix, take a hold on what it uses, and say what the step applies.
 
         `weighted_sum` applies the adapters themselves; merge strategies apply one merged adapter
-        (computed now, or found in the cache) with weight 1, and also hold its parents, so an
+        (found in the cache, else `prepared`, else computed now: give `prepare(req)`'s result to
+        keep the merge off the engine thread) with weight 1, and also hold its parents, so an
         unload of a parent waits for the request too. Every resolve needs a `release`.
         """
         self.check(req)
@@ -224,29 +250,74 @@ class LoraRegistry:
             mix = tuple(zip(req.adapters, req.weights))
             held = req.adapters
         else:
-            key = self._merge(req)
+            key = self._merge(req, prepared)
             mix, held = ((key, 1.0),), (key, *req.adapters)
         for name in held:
             self._refs[name] += 1
         salt = hashlib.blake2b(repr([(n, self._ids[n], w) for n, w in mix]).encode(), digest_size=16).digest()
         return ResolvedMix(mix, held, salt)
 
-    def _merge(self, req: LoraRequest) -> str:
+    def prepare(self, req: LoraRequest) -> PreparedMerge | None:
+        """Compute the merged adapter a merge-strategy request needs, on the calling thread.
+
+        Safe on any thread (see the module docstring); None for `weighted_sum`, which merges
+        nothing. Concurrent prepares of one mix compute it once. Raises as `check` does, or
+        AdapterError when the adapters cannot be merged.
+        """
+        self.check(req)
+        if req.strategy == "weighted_sum":
+            return None
+        with self._lock:
+            gone = [n for n in req.adapters if n not in self]
+            if gone:  # unloaded since the check
+                raise AdapterNotFoundError(f"adapter {gone[0]!r} is not loaded")
+            key = self._merge_key(req)
+            cached = self._merged.get(key)
+            if cached is not None:
+                return PreparedMerge(key, cached)
+            parents = [self._adapters[n] for n in req.adapters]
+            work = self._preparing.get(key)
+            mine = work is None
+            if mine:
+                work = self._preparing[key] = Future()
+        if mine:
+            try:
+                work.set_result(self._compute_merge(req, key, parents))
+            except BaseException as e:  # handed to every waiter, and raised below
+                work.set_exception(e)
+            finally:
+                with self._lock:
+                    del self._preparing[key]
+        return PreparedMerge(key, work.result())
+
+    def _merge_key(self, req: LoraRequest) -> str:
+        parts = ",".join(f"{n}#{self._ids[n]}*{w!r}" for n, w in zip(req.adapters, req.weights))
+        return f"{req.strategy}({parts};density={req.density!r};seed={req.seed})"
+
+    def _compute_merge(self, req: LoraRequest, key: str, parents: list[LoraAdapter]) -> LoraAdapter:
         from .merge import merge_adapters
 
-        parts = ",".join(f"{n}#{self._ids[n]}*{w!r}" for n, w in zip(req.adapters, req.weights))
-        key = f"{req.strategy}({parts};density={req.density!r};seed={req.seed})"
-        if key in self._merged:
-            self._merged.move_to_end(key)
-            return key
-        merged = merge_adapters([self._adapters[n] for n in req.adapters], list(req.weights), req.strategy,
-                                density=req.density, seed=req.seed, name=key)
+        merged = merge_adapters(parents, list(req.weights), req.strategy, density=req.density, seed=req.seed,
+                                name=key)
         merged.parents = tuple(req.adapters)
         merged.check_fits(self.cfg, self.max_rank)
-        for old in [k for k in self._merged if not self._refs[k]][:max(0, len(self._merged) + 1 - self.max_merged)]:
-            self._drop_if_free(old)  # trim the cache: oldest first, never one a request holds
-        self._merged[key] = merged
-        self._ids[key] = next(self._gen)
+        return merged
+
+    def _merge(self, req: LoraRequest, prepared: PreparedMerge | None) -> str:
+        key = self._merge_key(req)
+        if key in self._merged:
+            with self._lock:
+                self._merged.move_to_end(key)
+            return key
+        if prepared is not None and prepared.key == key:
+            merged = prepared.adapter
+        else:  # a synchronous caller (LLM.generate), or a parent was reloaded since prepare()
+            merged = self._compute_merge(req, key, [self._adapters[n] for n in req.adapters])
+        with self._lock:
+            for old in [k for k in self._merged if not self._refs[k]][:max(0, len(self._merged) + 1 - self.max_merged)]:
+                self._drop_if_free(old)  # trim the cache: oldest first, never one a request holds
+            self._merged[key] = merged
+            self._ids[key] = next(self._gen)
         return key
 
     def acquire(self, names) -> bool:
@@ -309,6 +380,23 @@ class LoraRegistry:
         return self._refs[name]
 
     # ---- the device table -------------------------------------------------------------------
+
+    def _zero_tables(self) -> dict:
+        nl, s, r = self.cfg.num_layers, self.max_loras, self.max_rank
+        at = self._table_shardings or {}
+        return {m: (jnp.zeros((nl, s, din, r), self.dtype, device=at.get(m, (None, None))[0]),
+                    jnp.zeros((nl, s, r, dout), self.dtype, device=at.get(m, (None, None))[1]))
+                for m, (din, dout) in self._shapes.items()}
+
+    def tables_lost(self) -> bool:
+        """Were the slot tables donated to a slot write that failed (so they are deleted now)?"""
+        return any(t.is_deleted() for t in jax.tree.leaves(self.tables))
+
+    def reset_tables(self) -> None:
+        """Rebuild the slot tables from the host copies of every resident adapter (after `tables_lost`)."""
+        self.tables = self._zero_tables()
+        for name, slot in self._slot_of.items():
+            self._write_slot(slot, self._get(name))
 
     def _get(self, name: str) -> LoraAdapter:
         return self._merged[name] if name in self._merged else self._adapters[name]

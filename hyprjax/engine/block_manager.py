@@ -206,3 +206,17 @@ class BlockManager:
                 else:
                     self._free.append(page)
         seq.block_table = []
+
+    def reset(self) -> None:
+        """Forget every page's contents (the KV pool was rebuilt): all pages free, the prefix cache empty.
+
+        Every sequence must have freed its pages first; the hit counters are kept.
+        """
+        held = [p for p, r in enumerate(self._ref) if r]
+        if held or self._chains:
+            raise RuntimeError(f"reset: {len(held)} pages are still held by {len(self._chains)} sequences "
+                               f"(first: {held[:8]}); free every sequence before a reset")
+        self._page_hash = [None] * self.num_pages
+        self._hash_to_page.clear()
+        self._cached_free.clear()
+        self._free = deque(range(self.num_pages))

@@ -4,6 +4,12 @@
 run it, then appends sampled tokens, detokenizes, checks stop conditions and returns one
 `RequestOutput` per sequence that produced a token. The engine is single-owner: the async
 front (`AsyncEngine`) drives it from one thread.
+
+A step that raises fails only the requests it ran (`StepFailedError`): the engine aborts them,
+and when the failure deleted device state it had donated (the KV pool, the penalty tables, the
+LoRA slot tables) it rebuilds that state, forgets every cached page and sends the other running
+requests back to the queue to be recomputed, since their K/V is gone. If that rebuild fails too,
+the engine is dead (`dead_reason`), and every later call raises `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import numpy as np
 from flax import nnx
 
 from ..adapters.lora import LoraAdapter
-from ..adapters.registry import LoraRegistry, LoraRequest, ResolvedMix
+from ..adapters.registry import LoraRegistry, LoraRequest, PreparedMerge, ResolvedMix
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
 from ..sampling import SamplingParams, fresh_seed, seed_key
+from ..sharding import lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .memory import kv_pool_pages
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -33,6 +41,39 @@ log = logging.getLogger("hyprjax.engine")
 
 class QueueFullError(HyprjaxError):
     """The waiting queue is full; retry later (HTTP 503)."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed, not the request (HTTP 500); never a HyprjaxError, which means bad input."""
+
+
+class StepFailedError(EngineError):
+    """A step raised; the requests it ran were aborted and the engine serves on.
+
+    `request_ids`: the requests that failed. `cause`: what the step raised. `outputs`: what the
+    step still produced for the other requests; the caller must deliver them.
+    """
+
+    def __init__(self, request_ids: list[str], cause: BaseException, outputs: list[RequestOutput] = ()):
+        self.request_ids, self.cause, self.outputs = list(request_ids), cause, list(outputs)
+        super().__init__(f"the engine failed this request: its step raised {type(cause).__name__}: {cause} "
+                         "(the engine recovered; a retry may succeed)")
+
+
+class EngineDeadError(EngineError):
+    """The engine could not rebuild its state after a failed step and serves nothing more; `reason` says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the engine is down: {reason}")
+
+
+class _AdmissionError(Exception):
+    """Pinning the head of the queue's adapters raised: that request alone failed."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"admitting request {request_id!r} failed")
+        self.request_id = request_id
 
 
 @dataclass
@@ -80,12 +121,11 @@ class LLMEngine:
     """Continuous-batching engine over one model."""
 
     def __init__(self, model, cfg: ModelConfig, tokenizer, ecfg: EngineConfig = EngineConfig(), *,
-                 warmup: bool = True, progress: bool = True, interpret: bool = False):
+                 warmup: bool = True, progress: bool = True, interpret: bool = False, mesh=None):
         self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype_bytes = jax.tree.leaves(nnx.state(model))[0].dtype.itemsize
-        page_bytes = 2 * cfg.num_layers * ecfg.page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-        num_pages = ecfg.num_pages or max(2, ecfg.kv_cache_memory // page_bytes)
+        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes)
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
@@ -94,16 +134,18 @@ class LLMEngine:
         dtype = jax.tree.leaves(nnx.state(model))[0].dtype
         self.lora = None
         if ecfg.max_loras:
-            self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype)
+            self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype,
+                                     sharding=lora_table_sharding(cfg, mesh))
             log.info("LoRA slot table: %d slots of rank %d (%.1f MiB)", ecfg.max_loras, ecfg.max_lora_rank,
                      self.lora.nbytes / 2**20)
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,
-                                  backend=self.backend, interpret=interpret,
+                                  backend=self.backend, interpret=interpret, mesh=mesh,
                                   lora_tables=(lambda: self.lora.tables) if self.lora is not None else None)
         log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
                  ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
         self._requests: dict[str, _Request] = {}
+        self.dead_reason: str | None = None  # set once a failed step could not be recovered from
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -124,15 +166,19 @@ class LLMEngine:
             raise HyprjaxError(f"logprobs={logprobs} must be between 0 and {self.ecfg.max_logprobs}")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                    logprobs: int | None = None, lora: LoraRequest | None = None) -> str:
+                    logprobs: int | None = None, lora: LoraRequest | None = None,
+                    prepared: PreparedMerge | None = None) -> str:
         """Queue a request; returns its id. Raises QueueFullError when max_queue requests wait,
-        AdapterNotFoundError / AdapterError for an unknown adapter or a bad mix."""
+        AdapterNotFoundError / AdapterError for an unknown adapter or a bad mix, EngineDeadError
+        once the engine is down. `prepared`: `self.lora.prepare(lora)` computed on another
+        thread, so a merge strategy's merge does not run here."""
+        self._check_alive()
         self.validate(prompt_token_ids, params, logprobs)
         resolved = None
         if lora is not None:
             if self.lora is None:
                 raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
-            resolved = self.lora.resolve(lora)  # holds its adapters: released on any failure below
+            resolved = self.lora.resolve(lora, prepared)  # holds its adapters: released on any failure below
         try:
             return self._add(prompt_token_ids, params, request_id, logprobs, resolved)
         except BaseException:
@@ -161,6 +207,10 @@ class LLMEngine:
         self.prompt_tokens_total += len(prompt_token_ids)
         return rid
 
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
     def _eos(self) -> frozenset:
         return frozenset(self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids)
 
@@ -169,8 +219,9 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
-        self.scheduler.abort(request_id)
-        self._release_lora(req)
+        if self.dead_reason is None:  # a dead engine's pages and slots are never used again
+            self.scheduler.abort(request_id)
+            self._release_lora(req)
         return self._output(req, [], None, "abort")
 
     # ---- adapters -------------------------------------------------------------------------
@@ -193,7 +244,10 @@ class LLMEngine:
             return True
         req = self._requests[seq.request_id]
         if not req.lora_pinned:
-            req.lora_pinned = self.lora.acquire([n for n, _ in seq.lora])
+            try:
+                req.lora_pinned = self.lora.acquire([n for n, _ in seq.lora])
+            except Exception as e:  # e.g. a slot write out of device memory: this request fails, not the batch
+                raise _AdmissionError(seq.request_id) from e
         return req.lora_pinned
 
     def _release_lora(self, req: _Request) -> None:
@@ -230,35 +284,105 @@ class LLMEngine:
                           s.samples, seq.num_output_tokens, seq.params, req.key, req.logprobs is not None, lora)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; outputs of every sequence that got a token (or finished)."""
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        scheduled = plan.decodes + plan.prefills
-        rows = [self._row(s) for s in scheduled]
-        res = self.runner.run(rows[:len(plan.decodes)], rows[len(plan.decodes):])
-        self.scheduler.update(plan)
-        outputs = []
+        """Run one scheduled step; outputs of every sequence that got a token (or finished).
+
+        Raises StepFailedError when the step failed (its requests are aborted, the engine serves
+        on), EngineDeadError when the engine could not recover from that, and ever after.
+        """
+        self._check_alive()
+        plan = None
+        try:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                return []
+            scheduled = plan.decodes + plan.prefills
+            rows = [self._row(s) for s in scheduled]
+            res = self.runner.run(rows[:len(plan.decodes)], rows[len(plan.decodes):])
+            self.scheduler.update(plan)
+        except Exception as e:
+            raise self._recover(plan, e) from e
+        outputs, failed, cause = [], [], None
         for i, s in enumerate(scheduled):
             if not s.samples:
                 continue
-            req = self._requests[s.seq.request_id]
-            token = int(res.tokens[i])
-            s.seq.output_token_ids.append(token)
-            self.generation_tokens_total += 1
-            req.tracker.push(token)
-            lps = None
-            if req.logprobs is not None:
-                top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[i, :req.logprobs],
-                                                            res.top_logprobs[i, :req.logprobs])]
-                lps = [TokenLogprob(token, float(res.logprob[i]), top)]
-            reason = req.tracker.finish_reason
-            if reason is not None:
-                self.scheduler.finish(s.seq, reason)
-                del self._requests[s.seq.request_id]
-                self._release_lora(req)
-            outputs.append(self._output(req, [token], lps, reason))
+            try:
+                outputs.append(self._emit(s.seq, res, i))
+            except Exception as e:  # this request's detokenizer or stop check: it fails alone
+                log.exception("emitting a token for request %r failed; aborting it", s.seq.request_id)
+                failed.append(s.seq.request_id)
+                cause = e
+        if failed:
+            raise self._fail(failed, cause, outputs)
         return outputs
+
+    def _emit(self, seq: Sequence, res, i: int) -> RequestOutput:
+        req = self._requests[seq.request_id]
+        token = int(res.tokens[i])
+        seq.output_token_ids.append(token)
+        self.generation_tokens_total += 1
+        req.tracker.push(token)
+        lps = None
+        if req.logprobs is not None:
+            top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[i, :req.logprobs],
+                                                        res.top_logprobs[i, :req.logprobs])]
+            lps = [TokenLogprob(token, float(res.logprob[i]), top)]
+        reason = req.tracker.finish_reason
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+            self._release_lora(req)
+        return self._output(req, [token], lps, reason)
+
+    # ---- failed steps ---------------------------------------------------------------------
+
+    def _recover(self, plan, cause: Exception) -> EngineError:
+        """A step raised: abort the requests it ran and rebuild what the failure deleted."""
+        if isinstance(cause, _AdmissionError):
+            failed, cause = [cause.request_id], cause.__cause__
+        elif plan is None:  # schedule() raised elsewhere: it may have left any running sequence half-planned
+            failed = [seq.request_id for seq in self.scheduler.running]
+        else:
+            failed = [s.seq.request_id for s in plan.decodes + plan.prefills]
+        log.error("a step failed (%s: %s); aborting %d requests", type(cause).__name__, cause, len(failed),
+                  exc_info=cause)
+        return self._fail(failed, cause, [])
+
+    def _fail(self, request_ids: list[str], cause: BaseException, outputs: list[RequestOutput]) -> EngineError:
+        """Abort `request_ids` and rebuild lost device state: StepFailedError, or EngineDeadError if that fails."""
+        try:
+            for rid in request_ids:
+                self.abort(rid)
+            self._rebuild_lost_state()
+        except Exception as e:
+            self.dead_reason = (f"recovering from a failed step ({type(cause).__name__}: {cause}) failed: "
+                                f"{type(e).__name__}: {e}")
+            log.exception("the engine is down: %s", self.dead_reason)
+            return EngineDeadError(self.dead_reason)
+        return StepFailedError(request_ids, cause, outputs)
+
+    def _kv_lost(self) -> bool:
+        """Is the KV pool or a penalty table deleted (donated to the failed step) or poisoned (the
+        failed computation's output, which raises when read)?"""
+        if self.runner.state_lost():
+            return True
+        try:
+            jax.block_until_ready((self.runner.cache, self.runner.counts, self.runner.seen))
+        except Exception:
+            return True
+        return False
+
+    def _rebuild_lost_state(self) -> None:
+        if self.lora is not None and self.lora.tables_lost():
+            self.lora.reset_tables()
+            log.warning("LoRA slot tables rebuilt after a failed step")
+        if not self._kv_lost():
+            return
+        requeued = self.scheduler.requeue_running()  # their K/V is gone: recompute them from their tokens
+        self.block_manager.reset()  # no page holds valid K/V now, cached prefixes included
+        self.runner.reset_state()
+        for req in self._requests.values():
+            req.admitted = (None, -1)  # penalty rows are zeros again: refill them on (re)admission
+        log.warning("KV pool rebuilt after a failed step; %d running requests will be recomputed", len(requeued))
 
     def _output(self, req: _Request, tokens: list[int], lps, reason: str | None) -> RequestOutput:
         seq = req.seq

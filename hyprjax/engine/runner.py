@@ -1,7 +1,7 @@
 """ModelRunner: packs a scheduled step into fixed-shape arrays and runs the jitted paged step.
 
 Layout of a step's T tokens: [Td decode tokens | Tp prefill tokens], Td from
-`EngineConfig.decode_buckets()`, Tp from `prefill_buckets()`; each prefill chunk is padded to
+`EngineConfig.step_buckets()` (decode-only, prefill-only and mixed steps); each prefill chunk is padded to
 a multiple of `block_q` so a query block never spans two sequences. Rows (one per sequence that
 may sample) are [Td decode rows | max_prefill_seqs prefill rows]. Every (Td, Tp) pair is
 compiled at start-up (`warmup`), so serving never compiles. With adapters, steps whose rows
@@ -11,6 +11,12 @@ compiled with the step's LoRA pairs; steps without one run the base compile and 
 Penalty state lives on the device in tables indexed by the sequence's persistent slot:
 `counts[slot, v]` (output tokens, for presence/frequency) and `seen[slot, v]` (prompt and
 output, for repetition). `admit` fills a slot's rows when a sequence (re)enters the batch.
+
+With a device mesh (tensor parallelism, hyprjax/sharding.py) the runner places the weights, the
+KV pool and the penalty tables per the sharding rules, and the step pins its carried outputs
+(pool, penalty tables) to those same shardings and what the host reads back to replicated, so
+each step's inputs are placed exactly as the last step's outputs and no bucket compiles twice.
+Without a mesh none of this runs.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..kernels.lora import LoraPairs
-from ..model import LoraStep, PagedMeta, init_paged_cache
+from ..sharding import kernel_sharding, shard_params, step_shardings
+from .paged import KVPool, LoraStep, PagedAttention, PagedLora, PagedMeta, init_kv_pool
 from ..sampling import SamplingArrays, SamplingParams, record, sample
 from .config import EngineConfig
 
@@ -48,10 +55,12 @@ class StepInputs:
 
 
 def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: SamplingArrays, lora: LoraStep | None,
-          *, max_logprobs):
+          *, max_logprobs, shardings=None):
     model = nnx.merge(graphdef, state)
-    logits, cache = model(inp.tokens[None], inp.positions[None], cache, logit_index=inp.logit_index, meta=inp.meta,
-                          lora=lora)
+    adapter = None if lora is None else PagedLora(lora, inp.meta)
+    logits, cache = model(inp.tokens[None], inp.positions[None], attention=PagedAttention(inp.meta), kv=cache,
+                          adapter=adapter, logit_index=inp.logit_index[None])
+    logits = logits[0]
     rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
     tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
     counts, seen = record(tokens, counts, seen, inp.row_active, inp.row_slot)  # into the slots' penalty rows
@@ -67,15 +76,31 @@ def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: Sampl
                 jnp.zeros((r, max_logprobs), jnp.float32))
 
     chosen_lp, top_ids, top_lp = jax.lax.cond(inp.want_logprobs, with_logprobs, without, logits)
+    if shardings is not None:  # sharding.StepShardings: outputs placed as the next step's inputs
+        pin = jax.lax.with_sharding_constraint
+        cache = pin(cache, KVPool(shardings.kv, shardings.kv))
+        counts, seen = pin((counts, seen), (shardings.penalties, shardings.penalties))
+        tokens, chosen_lp, top_ids, top_lp = pin((tokens, chosen_lp, top_ids, top_lp), (shardings.replicated,) * 4)
     return tokens, chosen_lp, top_ids, top_lp, cache, counts, seen
 
 
-def _admit(counts, seen, slot, seen_ids, count_ids):
+# One jit per process, not per runner: the graphdef (hashable; equal for equal model structures)
+# is a static argument, so engines over the same model shape (a rebuilt offline engine, the
+# tests' many engines) share compiled steps instead of compiling every bucket again.
+_STEP = jax.jit(_step, static_argnums=(0,), static_argnames=("max_logprobs", "shardings"), donate_argnums=(2, 3, 4))
+
+
+def _admit(counts, seen, slot, seen_ids, count_ids, *, sharding=None):
     """Reset slot's penalty rows: seen <- seen_ids (prompt + outputs), counts <- count_ids (outputs)."""
     v = counts.shape[1]
     counts = counts.at[slot].set(0).at[slot, jnp.where(count_ids >= 0, count_ids, v)].add(1, mode="drop")
     seen = seen.at[slot].set(False).at[slot, jnp.where(seen_ids >= 0, seen_ids, v)].set(True, mode="drop")
+    if sharding is not None:  # the penalty tables' NamedSharding under a mesh
+        counts, seen = jax.lax.with_sharding_constraint((counts, seen), (sharding, sharding))
     return counts, seen
+
+
+_ADMIT = jax.jit(_admit, donate_argnums=(0, 1), static_argnames=("sharding",))
 
 
 @dataclass
@@ -106,23 +131,38 @@ class ModelRunner:
     """Owns the device state (weights, KV pool, penalty tables) and the compiled step buckets."""
 
     def __init__(self, model, cfg: ModelConfig, ecfg: EngineConfig, *, num_pages: int, max_model_len: int,
-                 backend: str, interpret: bool = False, lora_tables=None):
+                 backend: str, interpret: bool = False, lora_tables=None, mesh=None):
         self.cfg, self.ecfg = cfg, ecfg
         self.graphdef, self.state = nnx.split(model)
+        if mesh is not None:  # a no-op for weights the caller already placed (LLM, serve)
+            self.state = shard_params(self.state, cfg, mesh)
         dtype = jax.tree.leaves(self.state)[0].dtype
         self.num_pages, self.page_size = num_pages, ecfg.page_size
         self.max_pages = -(-max_model_len // ecfg.page_size)
         self.backend, self.interpret = backend, interpret
-        self.cache = init_paged_cache(cfg, num_pages, ecfg.page_size, dtype)
-        self.counts = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), jnp.int32)
-        self.seen = jnp.zeros((ecfg.max_num_seqs, cfg.vocab_size), bool)
+        self._kv_dtype = dtype
+        self.shardings = step_shardings(cfg, mesh, num_pages, ecfg.page_size, ecfg.max_num_seqs)
+        self._kernel_sharding = kernel_sharding(cfg, mesh)
+        self.reset_state()
         self.lora_tables = lora_tables  # callable -> the registry's current slot tables, or None
-        self._step = jax.jit(partial(_step, self.graphdef, max_logprobs=ecfg.max_logprobs),
-                             donate_argnums=(1, 2, 3))
-        self._admit = jax.jit(_admit, donate_argnums=(0, 1))
+        self._step = partial(_STEP, self.graphdef, max_logprobs=ecfg.max_logprobs, shardings=self.shardings)
+        self._admit = _ADMIT if self.shardings is None else partial(_ADMIT, sharding=self.shardings.penalties)
         self._decode_buckets = ecfg.decode_buckets()
+        self._mixed_decode_buckets = ecfg.mixed_decode_buckets()
         self._prefill_buckets = ecfg.prefill_buckets()
         self._lora_decode_buckets, self._lora_prefill_buckets = ecfg.lora_buckets()
+
+    def reset_state(self) -> None:
+        """Fresh KV pool and penalty tables (zeros), e.g. after a failed step deleted the donated
+        ones. Every page's contents are lost: the caller must drop the block manager's state."""
+        s = self.shardings
+        self.cache = init_kv_pool(self.cfg, self.num_pages, self.page_size, self._kv_dtype, s and s.kv)
+        self.counts = jnp.zeros((self.ecfg.max_num_seqs, self.cfg.vocab_size), jnp.int32, device=s and s.penalties)
+        self.seen = jnp.zeros((self.ecfg.max_num_seqs, self.cfg.vocab_size), bool, device=s and s.penalties)
+
+    def state_lost(self) -> bool:
+        """Were the device buffers donated to a step that failed (so they are deleted now)?"""
+        return any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.counts, self.seen)))
 
     # ---- packing -------------------------------------------------------------------------
 
@@ -139,8 +179,9 @@ class ModelRunner:
         compile of its bucket), and the row of each request in input order."""
         ps, bq = self.page_size, self.ecfg.block_q
         with_lora = any(r.lora for r in decodes) or any(r.lora for r in prefills)
-        td = self._bucket(self._lora_decode_buckets if with_lora else self._decode_buckets, len(decodes))
         pf_tokens = sum(-(-len(r.token_ids) // bq) * bq for r in prefills)
+        dec_grid = self._mixed_decode_buckets if pf_tokens else self._decode_buckets  # EngineConfig.step_buckets
+        td = self._bucket(self._lora_decode_buckets if with_lora else dec_grid, len(decodes)) if decodes else 0
         tp = self._bucket(self._lora_prefill_buckets if with_lora else self._prefill_buckets, pf_tokens)
         t, nrows = td + tp, td + self.ecfg.max_prefill_seqs
         tokens = np.zeros(t, np.int32)
@@ -190,7 +231,7 @@ class ModelRunner:
         # per-shape jit, which would compile during serving.
         put = jax.device_put
         meta = PagedMeta(put(slots), put(dec_seq), put(pf_seq), put(table), put(ctx), block_q=bq,
-                         backend=self.backend, interpret=self.interpret)
+                         backend=self.backend, interpret=self.interpret, sharding=self._kernel_sharding)
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
                          put(active), put(np.asarray(want_lp)))
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
@@ -219,7 +260,7 @@ class ModelRunner:
 
     def warmup(self, max_model_len: int, progress: bool = True) -> int:
         """Compile every (decode, prefill) bucket and the admit buckets; returns how many steps ran."""
-        combos = [(d, p, False) for d in self._decode_buckets for p in self._prefill_buckets if d or p]
+        combos = [(d, p, False) for d, p in self.ecfg.step_buckets()]
         if self.lora_tables is not None:
             combos += [(d, p, True) for d in self._lora_decode_buckets for p in self._lora_prefill_buckets if d or p]
         bar = tqdm(combos, desc="compiling step buckets", disable=not progress, leave=False)
@@ -240,8 +281,9 @@ class ModelRunner:
             if n >= max_model_len:
                 break
             n *= 2
-        self.counts = jnp.zeros_like(self.counts)
-        self.seen = jnp.zeros_like(self.seen)
+        s = self.shardings
+        self.counts = jnp.zeros_like(self.counts, device=s and s.penalties)
+        self.seen = jnp.zeros_like(self.seen, device=s and s.penalties)
         jax.block_until_ready(self.cache)
         return len(combos)
 
@@ -253,7 +295,7 @@ class ModelRunner:
         meta = PagedMeta(jnp.full((t,), -1, jnp.int32), jnp.full((td,), -1, jnp.int32),
                          jnp.full((tp // ecfg.block_q,), -1, jnp.int32), jnp.zeros((r, self.max_pages), jnp.int32),
                          jnp.zeros((r,), jnp.int32), block_q=ecfg.block_q, backend=self.backend,
-                         interpret=self.interpret)
+                         interpret=self.interpret, sharding=self._kernel_sharding)
         zeros = jnp.zeros((r,), jnp.int32)
         return StepInputs(jnp.zeros((t,), jnp.int32), jnp.full((t,), -1, jnp.int32), meta, zeros, zeros, zeros,
                           jnp.zeros((r,), bool), jnp.asarray(False))

@@ -171,6 +171,14 @@ class Scheduler:
         self._num_preemptions += 1
         out.preempted.append(seq)
 
+    def requeue_running(self) -> list[Sequence]:
+        """Preempt every running sequence (their K/V was lost): each frees its pages and slot and
+        waits to be recomputed, oldest first, ahead of the requests that never ran."""
+        out = SchedulerOutput()
+        for seq in reversed(list(self.running)):  # newest first, so the oldest ends up in front
+            self._preempt(seq, out)
+        return out.preempted
+
     # ---- the step
 
     def schedule(self) -> SchedulerOutput:

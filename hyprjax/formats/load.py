@@ -69,7 +69,11 @@ def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = T
 
 
 def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> Model:
-    """Fill the model's parameters from an opened SafeTensorsDir or GGUFFile."""
+    """Fill the model's parameters from an opened SafeTensorsDir or GGUFFile.
+
+    A per-layer tensor goes into its row of the stacked [L, ...] parameter, written in place
+    into a donated buffer allocated once, so loading holds no second copy of any stack.
+    """
     is_gguf = isinstance(weights, GGUFFile)
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     pure = nnx.to_pure_dict(state)
@@ -78,7 +82,13 @@ def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> 
     desc = f"loading {getattr(weights, 'path', '')}".strip()
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         for spec in specs:
-            _set(pure, spec.path, _place(spec, weights, cfg, is_gguf, dtype))
+            _check_tensor(spec, weights, is_gguf)
+            stack = None
+            if spec.layer is not None:
+                stack = _get(pure, spec.path)
+                if not isinstance(stack, jax.Array):  # the abstract leaf: allocate the stack once
+                    stack = jnp.zeros((cfg.num_layers, *spec.shape), dtype)
+            _set(pure, spec.path, _place(spec, weights, cfg, is_gguf, dtype, stack))
             bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -87,28 +97,33 @@ def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> 
 CHUNK_BYTES = 64 << 20  # tensors above this are read and placed in row chunks
 
 
-def _place(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype) -> jax.Array:
-    """The parameter on the device. A large tensor (an embedding or LM head: 0.6 GB at Qwen3's
-    152k vocabulary, most of Gemma 3 270M) goes in row chunks written in place into a donated
-    buffer, so loading never holds a second full copy of it (the dequantizers' temporaries are
-    several times the tensor)."""
-    _check_tensor(spec, weights, is_gguf)
+def _place(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype, stack) -> jax.Array:
+    """The tensor on the device: written into row `spec.layer` of `stack` (donated) for a
+    per-layer tensor, else on its own. A large tensor (an embedding or LM head: 0.6 GB at
+    Qwen3's 152k vocabulary, most of Gemma 3 270M) goes in row chunks written in place, so
+    loading never holds a second full copy of it (the dequantizers' temporaries are several
+    times the tensor)."""
+    lead = () if stack is None else (np.int32(spec.layer),)
     nbytes = int(np.prod(spec.shape)) * max(dtype.itemsize, 4)
     if nbytes <= CHUNK_BYTES:
-        return jax.device_put(_read_tensor(spec, weights, cfg, is_gguf, dtype))
+        tensor = jax.device_put(_read_tensor(spec, weights, cfg, is_gguf, dtype))
+        if stack is None:
+            return tensor
+        return _write(stack, tensor[None], *lead, *(np.int32(0),) * len(spec.shape))
+    out = jnp.zeros(spec.shape, dtype) if stack is None else stack
     rows = weights.shape(spec.gguf if is_gguf else spec.hf)[0]
     step = max(1, rows * CHUNK_BYTES // nbytes)
-    out = jnp.zeros(spec.shape, dtype)
     for r0 in range(0, rows, step):
-        chunk = _read_tensor(spec, weights, cfg, is_gguf, dtype, (r0, min(rows, r0 + step)))
+        chunk = jax.device_put(_read_tensor(spec, weights, cfg, is_gguf, dtype, (r0, min(rows, r0 + step))))
         at = (0, r0) if spec.transpose else (r0, 0)
-        out = _write_rows(out, jax.device_put(chunk), np.int32(at[0]), np.int32(at[1]))
+        out = _write(out, chunk if stack is None else chunk[None], *lead, np.int32(at[0]), np.int32(at[1]))
     return out
 
 
 @partial(jax.jit, donate_argnums=0)
-def _write_rows(out, chunk, i, j):
-    return jax.lax.dynamic_update_slice(out, chunk, (i, j))
+def _write(out, chunk, *start):
+    """`out` with `chunk` written at `start` (one index per dimension of out), in place."""
+    return jax.lax.dynamic_update_slice(out, chunk, start)
 
 
 def _check_tensor(spec: TensorSpec, weights, is_gguf: bool) -> None:
@@ -131,6 +146,12 @@ def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dty
     if spec.transpose:
         array = array.T
     return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _set(tree: dict, path: tuple, value) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from hyprjax.adapters.gguf_lora import read_gguf_lora, write_gguf_lora
 from hyprjax.adapters.lora import MODULES, AdapterError, LoraAdapter, LoraModule, module_shapes
 from hyprjax.config import ModelConfig
 from hyprjax.formats.names import tensor_table
+from tests.deps import need_installed
 
 V = 512
 CFG = ModelConfig(arch="qwen3", vocab_size=V, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -244,8 +244,7 @@ def test_alpha_zero_or_missing_means_scale_one(tmp_path, alpha):
 @pytest.fixture(scope="module")
 def llamacpp_base(tmp_path_factory):
     """A random tiny Qwen3 GGUF (F32, with a tokenizer) that llama.cpp loads, and its HF-named weights."""
-    if importlib.util.find_spec("llama_cpp") is None:  # found, not imported: an import may SIGILL
-        pytest.skip("llama-cpp-python is not installed (build it as docs/llamacpp.md says)")
+    need_installed("xllamacpp", "llama.cpp's prebuilt wheel, in the test extra")  # not imported: it may SIGILL
     from bench.make_model import RandomWeights, build_tokenizer
     from hyprjax.formats.gguf_write import write_gguf
 
@@ -257,38 +256,53 @@ def llamacpp_base(tmp_path_factory):
 
 
 # Run in a child process, as bench/llamacpp.py does: a llama.cpp built for the wrong CPU dies of
-# SIGILL (docs/llamacpp.md), which must fail this test, not kill the session.
+# SIGILL (docs/llamacpp.md), which must fail this test, not kill the session. llama.cpp here is
+# xllamacpp's prebuilt wheel, whose only interface is llama-server: its native /embedding endpoint
+# with pooling "none" returns every prompt token's final hidden state (after the output norm, right
+# before the tied output matrix), exact F32; the API offers no raw logits for prompt positions.
 _LLAMACPP_CHILD = """
-import json, sys
+import json, sys, urllib.request
 import numpy as np
-import llama_cpp
+import xllamacpp as xlc
 a = json.loads(sys.stdin.read())
-f32 = llama_cpp.GGML_TYPE_F32  # an f32 KV cache, so runs differ only by the weights and the adapter
 out = []
 for model, lora in a["runs"]:
-    llm = llama_cpp.Llama(model, lora_path=lora, n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
-                          type_k=f32, type_v=f32, verbose=False)
-    llm.eval(a["prompt"])
-    out.append(np.array(llm.scores[:len(a["prompt"])], dtype=np.float32))
-    llm.close()
+    p = xlc.CommonParams()
+    p.model.path = model
+    p.lora_adapters = [xlc.CommonAdapterLoraInfo(lora, 1.0)] if lora else []
+    p.n_ctx = p.n_batch = p.n_ubatch = 64
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 2
+    f32 = xlc.ggml_type.GGML_TYPE_F32  # an f32 KV cache, so runs differ only by the weights and the adapter
+    p.cache_type_k = p.cache_type_v = f32
+    # Flash attention off: on CPU it rounds to F16 inside, and lifts the F32 difference to 2.3e-4.
+    p.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    p.embedding, p.pooling_type = True, xlc.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+    p.hostnames, p.port = ["127.0.0.1"], 0
+    server = xlc.Server(p)
+    req = urllib.request.Request(server.listening_address + "/embedding", json.dumps({"content": a["prompt"]}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as f:
+        out.append(np.array(json.loads(f.read())[0]["embedding"], dtype=np.float32))
+    del server
 np.save(a["out"], np.stack(out))
 """
 
 
-def llamacpp_logits(runs, prompt, tmp_path) -> np.ndarray:
-    """llama.cpp's f32 logits [len(runs), T, V] for `prompt`, per (model, adapter file or None) run."""
-    out = tmp_path / "logits.npy"
+def llamacpp_logits(runs, prompt, tmp_path, embed_tokens) -> np.ndarray:
+    """llama.cpp's logits [len(runs), T, V] for `prompt`, per (model, adapter file or None) run: its
+    F32 hidden states [T, D] times the (tied, never adapted) embedding matrix [V, D], in float64."""
+    out = tmp_path / "hidden.npy"
     args = dict(runs=[[str(m), None if a is None else str(a)] for m, a in runs], prompt=prompt, out=str(out))
     p = subprocess.run([sys.executable, "-c", _LLAMACPP_CHILD], input=json.dumps(args), text=True,
                        capture_output=True, timeout=300)
     assert p.returncode == 0, f"llama.cpp child exited with {p.returncode}:\n{p.stderr[-3000:]}"
-    return np.load(out)
+    return np.load(out).astype(np.float64) @ embed_tokens.astype(np.float64).T
 
 
-# Measured max |difference| over all 12 positions (|logits| <= 0.58, the adapter moves them by
-# 0.95): F32 3.4e-7 (last token 1.2e-7). With 16-bit or Q8_0 adapter tensors llama.cpp also
+# Measured max |difference| over all 12 positions (xllamacpp 2026.10.11549; |logits| <= 0.62, the
+# adapter moves them by 0.95): F32 4.6e-7. With 16-bit or Q8_0 adapter tensors llama.cpp also
 # rounds the activations it multiplies them by (to F16 / BF16 / Q8_0), so those differ more:
-# F16 6.1e-4, BF16 1.0e-2, Q8_0 1.3e-2.
+# F16 6.1e-4, BF16 1.0e-2, Q8_0 1.3e-2 (the same as llama-cpp-python 0.3.36 measured before).
 LLAMACPP_ATOL = {"F32": 1e-5, "F16": 5e-3, "BF16": 3e-2, "Q8_0": 5e-2}
 
 
@@ -303,8 +317,8 @@ def test_llamacpp_applies_our_file_as_the_merged_weights(tmp_path, llamacpp_base
     ad = random_adapter(ranks=MIXED_RANKS, alpha=32.0, seed=1)
     write_gguf_lora(tmp_path / "lora.gguf", ad, CFG, alpha=alpha, dtype=dtype)
     stored = read_gguf_lora(tmp_path / "lora.gguf", "lora", CFG)  # what the file holds, after rounding
-    hf_name = {(s.path[1], s.path[3]): s.hf for s in tensor_table(CFG)
-               if s.path[0] == "layers" and s.path[-1] == "kernel"}
+    hf_name = {(int(s.hf.split(".")[2]), s.hf.split(".")[-2]): s.hf for s in tensor_table(CFG)
+               if s.hf.split(".")[-2] in MODULES}  # "model.layers.{i}.self_attn.q_proj.weight"
     merged = dict(weights)
     for k, m in stored.modules.items():  # HF layout [out, in]
         merged[hf_name[k]] = (weights[hf_name[k]].astype(np.float64) + m.delta().T).astype(np.float32)
@@ -312,6 +326,6 @@ def test_llamacpp_applies_our_file_as_the_merged_weights(tmp_path, llamacpp_base
 
     prompt = np.random.default_rng(0).integers(0, V, 12).tolist()
     got, want, base = llamacpp_logits([(d / "base.gguf", tmp_path / "lora.gguf"), (tmp_path / "merged.gguf", None),
-                                       (d / "base.gguf", None)], prompt, tmp_path)
+                                       (d / "base.gguf", None)], prompt, tmp_path, weights["model.embed_tokens.weight"])
     assert np.abs(want - base).max() > 0.3, "the adapter barely moves the logits: the comparison would be vacuous"
     np.testing.assert_allclose(got, want, rtol=0, atol=LLAMACPP_ATOL[dtype])

@@ -86,9 +86,11 @@ def _merged_model(world, weighted: dict[str, float]):
     lm = load_model(world["dir"] / "base", with_tokenizer=False, progress=False)
     for name, w in weighted.items():
         for (layer, mod), m in world["adapters"][name].modules.items():
-            block = lm.model.layers[layer].attn if mod in ATTN else lm.model.layers[layer].mlp
-            kernel = getattr(block, mod).kernel
-            kernel[...] = np.asarray(kernel[...]) + np.float32(w) * m.delta().astype(np.float32)
+            block = lm.model.layers.attn if mod in ATTN else lm.model.layers.mlp
+            kernel = getattr(block, mod).kernel  # stacked [L, din, dout]
+            stack = np.array(kernel[...])
+            stack[layer] += np.float32(w) * m.delta().astype(np.float32)
+            kernel[...] = stack
     return lm
 
 

@@ -26,9 +26,10 @@ import pytest
 from tests.tiny_models import make_hf_model
 from hyprjax.adapters.lora import MODULES, AdapterError, LoraAdapter, LoraModule
 from hyprjax.adapters.merge import STRATEGIES, dare_mask, dare_rng, merge_adapters
+from tests.deps import need
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch = need("torch")
+peft = need("peft")
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 R = 4

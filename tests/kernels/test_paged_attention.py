@@ -67,8 +67,7 @@ CASES = {
     "prefill8-f32-ps8-gqa4-window1": (8, 8, 1, 4, jnp.float32, 1, None),
 }
 
-_tpu = jax.jit(_pallas_tpu, static_argnames=("scale", "block_q", "sliding_window", "softcap",
-                                              "block_kv", "interpret"))
+_tpu = jax.jit(_pallas_tpu, static_argnames=("scale", "block_q", "softcap", "block_kv", "interpret"))
 IMPLS = {  # (args, kwargs, page_size) -> out
     "xla": lambda a, kw, ps: paged_attention(*a, **kw),
     "xla-page-blocks": lambda a, kw, ps: paged_attention(*a, **kw, block_kv=ps),
@@ -93,6 +92,34 @@ def test_matches_naive(case, impl):
     pad = np.asarray(args[4]) < 0
     assert pad.any() and not np.asarray(got, np.float32)[pad].any()  # padding rows exactly 0
     assert np.abs(np.asarray(want, np.float32)[~pad]).min() > 0  # inputs were never zero
+
+
+STACKED_IMPLS = {  # a stacked [L, P, ...] pool, the layer and the window passed as traced arrays
+    "xla": lambda a, kw, layer, win: paged_attention(*a, **kw, layer=layer, sliding_window=win),
+    "pallas-gpu": lambda a, kw, layer, win: paged_attention(*a, **kw, layer=layer, sliding_window=win,
+                                                            backend="pallas", interpret=True),
+    "pallas-tpu": lambda a, kw, layer, win: _tpu(*a, **kw, layer=layer, sliding_window=win, block_kv=16,
+                                                 interpret=True),
+}
+
+
+@pytest.mark.parametrize("impl", STACKED_IMPLS)
+@pytest.mark.parametrize("block_q", [1, 8])
+def test_stacked_pool_reads_the_named_layer_with_a_traced_window(impl, block_q):
+    """The scanned decoder's pool: every layer in one array, the layer and window as data."""
+    ps, layers = 8, 3
+    seqs = decode(ps) if block_q == 1 else prefill(ps, block_q)
+    rng = np.random.default_rng(5)
+    args = list(make_case(rng, seqs=seqs, block_q=block_q, page_size=ps, kv_heads=2, group=2,
+                          dtype=jnp.float32))
+    pools = [jnp.asarray(rng.standard_normal((layers, *args[1].shape)), jnp.float32) for _ in range(2)]
+    kw = dict(scale=H ** -0.5, block_q=block_q, softcap=None)
+    run = jax.jit(lambda layer, win: STACKED_IMPLS[impl]([args[0], *pools, *args[3:]], kw, layer, win))
+    for layer, window in ((2, 5), (1, 1 << 30), (0, 9)):
+        got = run(jnp.int32(layer), jnp.int32(window))
+        want = naive_paged_attention(args[0], *pools, *args[3:], **kw, sliding_window=window,
+                                     layer=layer)
+        np.testing.assert_allclose(got, want, **TOL[jnp.float32])
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
@@ -155,6 +182,19 @@ def test_kernels_lower_for_gpu_and_tpu(dtype, block_q, window, softcap):
     for impl, platform in ((_pallas_gpu, "cuda"), (_pallas_tpu, "tpu")):
         lowered = jax.jit(functools.partial(impl, **kw)).trace(
             *_abstract_args(dtype, block_q)).lower(lowering_platforms=(platform,))
+        assert "paged_attention" in lowered.as_text()
+
+
+@pytest.mark.parametrize("block_q", [1, 8])
+def test_kernels_lower_with_a_stacked_pool_and_traced_window(block_q):
+    kw = dict(scale=0.125, block_q=block_q, softcap=None, block_kv=32, interpret=False)
+    q, pool, _, *rest = _abstract_args(jnp.bfloat16, block_q)
+    stacked = jax.ShapeDtypeStruct((3, *pool.shape), pool.dtype)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    for impl, platform in ((_pallas_gpu, "cuda"), (_pallas_tpu, "tpu")):
+        f = lambda q, k, v, a, b, c, d, layer, win, impl=impl: impl(q, k, v, a, b, c, d, layer=layer,  # noqa: E731
+                                                                      sliding_window=win, **kw)
+        lowered = jax.jit(f).trace(q, stacked, stacked, *rest, scalar, scalar).lower(lowering_platforms=(platform,))
         assert "paged_attention" in lowered.as_text()
 
 

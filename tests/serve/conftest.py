@@ -15,9 +15,11 @@ import time
 
 import pytest
 
-pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+from tests.deps import need
+
+need("starlette")
+uvicorn = need("uvicorn")
+openai = need("openai")
 
 from hyprjax.serve.app import create_app  # noqa: E402
 from tests.serve.fake_engine import FakeEngine  # noqa: E402

