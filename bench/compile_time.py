@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--label", default="")
+    ap.add_argument("--layers-layout", choices=["auto", "scan", "loop"], default="auto",
+                    help="stacked + lax.scan (GPU/TPU default) or one array per layer (CPU default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -50,7 +52,14 @@ def main(argv=None) -> int:
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     t0 = time.perf_counter()
-    model = Model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    kw = {}
+    if args.layers_layout != "auto":
+        kw["scan_layers"] = args.layers_layout == "scan"
+    elif "scan_layers" in Model.__init__.__code__.co_varnames:  # this code: the platform's default
+        from hyprjax.model import default_scan_layers
+
+        kw["scan_layers"] = default_scan_layers()
+    model = Model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
     init_s = time.perf_counter() - t0
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_pages=256, max_model_len=2048)
     engine = LLMEngine(model, cfg, None, ecfg, warmup=False, progress=False)
@@ -71,7 +80,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
         *_, runner.cache, runner.counts, runner.seen = out
-    res = dict(label=args.label, preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
+    res = dict(label=args.label, layout=kw.get("scan_layers", "unrolled (old code)"), preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
                compile_s_per_bucket_median=statistics.median(times), compile_s_first=times[0],
                compile_s_total=sum(times), maps_per_bucket=(_maps() - maps0) / len(combos), init_s=init_s,
                jax=jax.__version__)

@@ -191,6 +191,7 @@ def cmd_serve(args) -> int:
     from .engine.async_engine import AsyncEngine
     from .engine.config import EngineConfig
     from .engine.llm_engine import LLMEngine
+    from .engine.memory import limit_malloc_arenas, release_free_memory
     from .adapters.load import read_adapter
     from .compile_cache import cache_stats, enable_compile_cache
     from .formats.load import load_model
@@ -200,6 +201,7 @@ def cmd_serve(args) -> int:
     from .serve.main import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limit_malloc_arenas()  # before the engine, XLA and HTTP threads allocate
     enable_compile_cache(args.compile_cache)
     source = _model_arg(args)
     if len({n for n, _ in args.lora}) != len(args.lora):
@@ -212,6 +214,7 @@ def cmd_serve(args) -> int:
     mesh = tensor_parallel_mesh(args.tensor_parallel)
     print(f"loading {source} ...", file=sys.stderr)
     loaded = load_model(source, dtype=resolve_dtype(args.dtype))  # bad files fail here, before serving
+    release_free_memory()
     if mesh is not None:
         shard_model(loaded.model, loaded.cfg, mesh)
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
@@ -233,6 +236,7 @@ def cmd_serve(args) -> int:
     def build():  # compile the step buckets while /health answers 503
         try:
             engine = LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg, mesh=mesh)
+            release_free_memory()  # what loading and the warm-up freed, back to the OS
             for adapter in adapters:
                 engine.add_adapter(adapter)
             front.attach(engine)

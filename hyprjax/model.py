@@ -1,10 +1,12 @@
 """The decoder: Qwen3, Qwen2/2.5 and Gemma 3 (text) in one Flax NNX model, picked by config flags.
 
-Layers are stacked: every per-layer weight carries a leading layer axis `[L, ...]` and the decoder
-runs them with one `lax.scan`, so compile time, compiled code and XLA:CPU's memory mappings do
-not grow with depth (docs/engine.md has the measurements). What differs between layers (Gemma
-3's sliding/global pattern: window, RoPE base and scaling) is per-layer data scanned with the
-weights, never a Python branch.
+Layers are stacked on GPU/TPU: every per-layer weight carries a leading layer axis `[L, ...]` and
+the decoder runs them with one `lax.scan`, so compile time and compiled code do not grow with
+depth. On CPU they are separate arrays run by a Python loop (`scan_layers=False`, the default
+there): XLA:CPU copies each layer's weights out of a stack before its matmuls, which made
+weight-bound decode 2.5-3.5x slower (docs/engine.md). Either way, what differs between layers
+(Gemma 3's sliding/global pattern: window, RoPE base and scaling) is per-layer data, never a
+Python branch on the layer.
 
 The model holds weights only and knows no engine. Its two seams are injected functions:
 
@@ -206,17 +208,19 @@ def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray]:
 class Model(nnx.Module):
     """Decoder-only LM. Weights only; see `__call__`."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True):
         self.cfg = cfg
         d = cfg.hidden_size
         self.embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        if scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Block(cfg, dtype=dtype, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked(rngs):
-            return Block(cfg, dtype=dtype, rngs=rngs)
-
-        self.layers = stacked(rngs)  # every leaf [L, ...]
+            self.layers = stacked(rngs)  # every leaf [L, ...]
+        else:
+            self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(d, cfg.vocab_size, bias=False, dtype=dtype,
                                                                     rngs=rngs)
@@ -233,25 +237,34 @@ class Model(nnx.Module):
         x = self.embed(tokens)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
-        graphdef, stacked = nnx.split(self.layers)
         data = layer_data(cfg)
         scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         apply = _no_adapter if adapter is None else adapter
-        xs = (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32), data,
-              None if adapter is None else adapter.per_layer)
+        per_layer = None if adapter is None else adapter.per_layer
 
         def body(carry, xs):
             x, kv = carry
-            params, index, data, adapter_slice = xs
+            block, index, data, adapter_slice = xs
             window = data.get("window")
             layer = Layer(index, window, adapter_slice, scale=scale, softcap=cfg.attn_logit_softcap)
-            block = nnx.merge(graphdef, params)
+            block = nnx.merge(graphdef, block)
             rope = (data["inv_freq"], data["rope_scale"])
             return block(x, positions, rope, layer, attention, apply, kv), None
 
         if remat:
             body = jax.checkpoint(body)
-        (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+        if isinstance(self.layers, nnx.List):  # separate per-layer weights: a Python loop (CPU)
+            graphdef = nnx.graphdef(self.layers[0])  # every layer has the same structure
+            carry = (x, kv)
+            for i, block in enumerate(self.layers):
+                at = lambda a, i=i: a[i]  # noqa: E731
+                xs = (nnx.state(block), jnp.int32(i), jax.tree.map(at, data), jax.tree.map(at, per_layer))
+                carry, _ = body(carry, xs)
+            x, kv = carry
+        else:
+            graphdef, stacked = nnx.split(self.layers)
+            xs = (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32), data, per_layer)
+            (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, R, D]
         x = self.norm(x)
@@ -266,6 +279,11 @@ class Model(nnx.Module):
         return logits, kv
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> Model:
+def abstract_model(cfg: ModelConfig, dtype, scan_layers: bool = True) -> Model:
     """The model with ShapeDtypeStruct leaves: real sizes cost nothing until weights are set."""
-    return nnx.eval_shape(lambda: Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Model(cfg, dtype=dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+
+
+def default_scan_layers() -> bool:
+    """Stack and scan the layers on GPU/TPU; separate arrays and a Python loop on CPU (module doc)."""
+    return jax.default_backend() != "cpu"

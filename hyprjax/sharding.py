@@ -141,6 +141,10 @@ def shard_params(state, cfg: ModelConfig, mesh: Mesh):
 
     def one(path, x):
         key = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        if len(key) > 1 and key[0] == "layers" and isinstance(key[1], int):  # one layer of unstacked layers (CPU)
+            stacked = shardings.get((key[0], *key[2:]))
+            if stacked is not None:
+                return place(x, NamedSharding(mesh, P(*stacked.spec[1:])))
         if key not in shardings:
             raise ValueError(f"parameter {key} is not in the name table (formats/names.py): no sharding for it")
         return place(x, shardings[key])

@@ -77,3 +77,25 @@ def test_32_greedy_tokens_equal_transformers_generate(pair):
     for p, c in zip(PROMPTS, out):
         assert c.token_ids == hf_greedy(hf, p, 32)
         assert c.finish_reason == "length"
+
+
+def test_stacked_scanned_layers_equal_the_per_layer_loop(pair, tmp_path):
+    """GPU/TPU stack the layers and scan them; CPU keeps one array per layer. Same numbers."""
+    hf, ours = pair
+    from hyprjax.formats.load import load_weights, read_config
+
+    cfg, weights = read_config(ours.path)
+    scanned = load_weights(cfg, weights, jnp.dtype(jnp.float32), progress=False, scan_layers=True)
+    assert scanned.layers.attn.q_proj.kernel[...].shape[0] == cfg.num_layers
+    tokens, positions = _batch(PROMPTS)
+    want, _ = ours.model(tokens, positions)
+    got, _ = scanned(tokens, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    p = PROMPTS[1]
+    pool_a, pool_b = new_pool(cfg, num_pages=8, page_size=4), new_pool(cfg, num_pages=8, page_size=4)
+    a, pool_a = paged_step(ours.model, pool_a, p[:6], 0, decode=False, block_q=4)
+    b, pool_b = paged_step(scanned, pool_b, p[:6], 0, decode=False, block_q=4)
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    a, _ = paged_step(ours.model, pool_a, [p[6]], 6, decode=True)
+    b, _ = paged_step(scanned, pool_b, [p[6]], 6, decode=True)
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)

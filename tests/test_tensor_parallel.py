@@ -143,8 +143,8 @@ def test_sharded_engine_equals_one_device(tp_results, case):
     assert all(r["tokens_equal"]), r["tokens"]
     assert r["max_logprob_diff"] <= TOL
     assert r["forward_max_diff"] <= TOL
-    assert r["embed_spec"] == "P('tp', None)" and r["q_kernel_spec"] == "P(None, None, 'tp')"
-    assert r["o_kernel_spec"] == "P(None, 'tp', None)" and r["penalty_spec"] == "P(None, 'tp')"
+    assert r["embed_spec"] == "P('tp', None)" and r["q_kernel_spec"] == "(None, 'tp')"
+    assert r["o_kernel_spec"] == "('tp', None)" and r["penalty_spec"] == "P(None, 'tp')"
     assert r["lora_q_specs"][1].endswith("'tp')") and "'tp'" not in r["lora_q_specs"][0]
     assert "'tp'" in r["lora_o_specs"][0] and "'tp'" not in r["lora_o_specs"][1]
     if case in KV_SHARDED:

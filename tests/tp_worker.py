@@ -93,6 +93,13 @@ def _forward_diff(model, cfg, mesh) -> float:
     return float(jnp.max(jnp.abs(one - sharded)))
 
 
+def _matrix_spec(state, module: str) -> str:
+    layers = state["layers"]
+    if 0 in layers:
+        layers = layers[0]
+    return str(tuple(layers["attn"][module]["kernel"][...].sharding.spec)[-2:])
+
+
 def run_case(name: str, tmp: str) -> dict:
     case = CASES[name]
     hf = make_hf_model(f"{tmp}/{name}", case["arch"], seed=0, **case["model"])
@@ -134,9 +141,10 @@ def run_case(name: str, tmp: str) -> dict:
         compiles=compiles,  # while serving: none after a warm-up, some without one (the counter works)
         kv_spec=str(runner.cache.k.sharding.spec),
         penalty_spec=str(runner.counts.sharding.spec),
-        q_kernel_spec=str(runner.state["layers"]["attn"]["q_proj"]["kernel"][...].sharding.spec),
-        k_kernel_spec=str(runner.state["layers"]["attn"]["k_proj"]["kernel"][...].sharding.spec),
-        o_kernel_spec=str(runner.state["layers"]["attn"]["o_proj"]["kernel"][...].sharding.spec),
+        # the [din, dout] dims of layer 0's kernels (stacked on GPU/TPU: [L, din, dout]; per layer on CPU)
+        q_kernel_spec=_matrix_spec(runner.state, "q_proj"),
+        k_kernel_spec=_matrix_spec(runner.state, "k_proj"),
+        o_kernel_spec=_matrix_spec(runner.state, "o_proj"),
         embed_spec=str(runner.state["embed"]["embedding"][...].sharding.spec),
         lora_q_specs=[str(a_q.sharding.spec), str(b_q.sharding.spec)],
         lora_o_specs=[str(a_o.sharding.spec), str(b_o.sharding.spec)],

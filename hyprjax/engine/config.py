@@ -19,7 +19,7 @@ class EngineConfig:
     page_size: int = 16  # tokens per KV page
     num_pages: int | None = None  # KV pool size; None -> from kv_cache_memory
     # KV pool budget when num_pages is None: bytes (int), a fraction of the device's free memory
-    # (float in (0, 1]), or None = 256 MiB on CPU, 0.9 of free memory on GPU/TPU (engine/memory.py)
+    # (float in (0, 1]), or None = 192 MiB on CPU, 0.9 of free memory on GPU/TPU (engine/memory.py)
     kv_cache_memory: int | float | None = None
     max_model_len: int | None = None  # context limit; None -> the model's own
     block_q: int = 16  # prefill query block (rows per attention work unit)

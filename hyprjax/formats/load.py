@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from ..model import Model, abstract_model
+from ..model import Model, abstract_model, default_scan_layers
 from .gguf_read import GGUFFile
 from .names import TensorSpec, tensor_table
 from .resolve import resolve_model
@@ -58,24 +58,28 @@ def read_config(path: Path) -> tuple[ModelConfig, object]:
 
 
 def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = True,
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`."""
+               with_tokenizer: bool = True, scan_layers: bool | None = None) -> LoadedModel:
+    """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`;
+    `scan_layers` None stacks the layers on GPU/TPU only (model.default_scan_layers)."""
     path = resolve_model(source)
     cfg, weights = read_config(path)
     dtype = jnp.dtype(dtype)
-    model = load_weights(cfg, weights, dtype, progress=progress)
+    model = load_weights(cfg, weights, dtype, progress=progress, scan_layers=scan_layers)
     tokenizer = _load_tokenizer(path, weights) if with_tokenizer else None
     return LoadedModel(cfg, model, tokenizer, path, "gguf" if isinstance(weights, GGUFFile) else "safetensors")
 
 
-def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> Model:
+def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True,
+                 scan_layers: bool | None = None) -> Model:
     """Fill the model's parameters from an opened SafeTensorsDir or GGUFFile.
 
-    A per-layer tensor goes into its row of the stacked [L, ...] parameter, written in place
-    into a donated buffer allocated once, so loading holds no second copy of any stack.
+    With stacked layers a per-layer tensor goes into its row of the [L, ...] parameter, written
+    in place into a donated buffer allocated once, so loading holds no second copy of any stack.
     """
     is_gguf = isinstance(weights, GGUFFile)
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    if scan_layers is None:
+        scan_layers = default_scan_layers()
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, scan_layers))
     pure = nnx.to_pure_dict(state)
     specs = tensor_table(cfg)
     total = sum(int(np.prod(s.shape)) for s in specs) * dtype.itemsize
@@ -83,12 +87,14 @@ def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True) -> 
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         for spec in specs:
             _check_tensor(spec, weights, is_gguf)
-            stack = None
-            if spec.layer is not None:
-                stack = _get(pure, spec.path)
+            stack, path = None, spec.path
+            if spec.layer is not None and not scan_layers:
+                path = (path[0], spec.layer, *path[1:])  # ("layers", i, "attn", ...): one array per layer
+            elif spec.layer is not None:
+                stack = _get(pure, path)
                 if not isinstance(stack, jax.Array):  # the abstract leaf: allocate the stack once
                     stack = jnp.zeros((cfg.num_layers, *spec.shape), dtype)
-            _set(pure, spec.path, _place(spec, weights, cfg, is_gguf, dtype, stack))
+            _set(pure, path, _place(spec, weights, cfg, is_gguf, dtype, stack))
             bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)

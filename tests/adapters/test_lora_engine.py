@@ -6,6 +6,7 @@ import copy
 
 import jax
 import numpy as np
+from flax import nnx
 import pytest
 
 from tests.adapters.peft_models import make_peft_adapter, paged_logits, peft_logits
@@ -86,11 +87,13 @@ def _merged_model(world, weighted: dict[str, float]):
     lm = load_model(world["dir"] / "base", with_tokenizer=False, progress=False)
     for name, w in weighted.items():
         for (layer, mod), m in world["adapters"][name].modules.items():
-            block = lm.model.layers.attn if mod in ATTN else lm.model.layers.mlp
-            kernel = getattr(block, mod).kernel  # stacked [L, din, dout]
-            stack = np.array(kernel[...])
-            stack[layer] += np.float32(w) * m.delta().astype(np.float32)
-            kernel[...] = stack
+            delta = np.float32(w) * m.delta().astype(np.float32)
+            stacked = not isinstance(lm.model.layers, nnx.List)  # [L, din, dout] (GPU/TPU) or one per layer (CPU)
+            layer_module = lm.model.layers if stacked else lm.model.layers[layer]
+            kernel = getattr(layer_module.attn if mod in ATTN else layer_module.mlp, mod).kernel
+            value = np.array(kernel[...])
+            value[layer if stacked else slice(None)] += delta
+            kernel[...] = value
     return lm
 
 

@@ -103,7 +103,7 @@ def test_free_memory_on_cpu_is_mem_available():
 
 def test_platform_defaults():
     ecfg = EngineConfig()
-    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu")) == (256 * 2**20 // 16384, 16384)
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu")) == (192 * 2**20 // 16384, 16384)
     gpu = FakeDevice("gpu", dict(bytes_limit=1000 * 16384, bytes_in_use=0))
     assert kv_pool_pages(TINY, ecfg, 2, device=gpu) == (int(0.9 * 1000 * 16384) // 8192, 8192)
 
@@ -131,8 +131,8 @@ def test_serve_help_counts_the_default_pool_in_tokens(monkeypatch, tmp_path, cap
         text = _serve_help(capsys)
     finally:
         serve_main.default_kv_help.cache_clear()
-    tokens = 256 * 2**20 // 16384 * 16
-    assert f"default: 256 MiB on CPU = {tokens:,} tokens of the default model (default, float32)" in text
+    tokens = 192 * 2**20 // 16384 * 16
+    assert f"default: 192 MiB on CPU = {tokens:,} tokens of the default model (default, float32)" in text
     assert "0.9 of free memory on GPU/TPU" in text and "fraction of free memory (0.25)" in text
 
 
@@ -144,7 +144,7 @@ def test_serve_help_without_the_default_model(monkeypatch, tmp_path, capsys):
         text = _serve_help(capsys)
     finally:
         serve_main.default_kv_help.cache_clear()
-    assert "(default: 256 MiB on CPU; 0.9 of free memory on GPU/TPU)" in text
+    assert "(default: 192 MiB on CPU; 0.9 of free memory on GPU/TPU)" in text
 
 
 def test_serve_help_on_the_real_default_model(capsys):
@@ -154,6 +154,6 @@ def test_serve_help_on_the_real_default_model(capsys):
     assert default_model_path() == pkg.default_output_path()  # assembled on first use, as `hyprjax serve` does
     serve_main.default_kv_help.cache_clear()
     # Gemma 3 270M: 18 layers x 1 kv head x head dim 256; a 16-token f32 page is 2 x 18 x 16 x 256 x 4 =
-    # 589,824 bytes, and 256 MiB holds 455 of them: 7,280 tokens
-    assert "256 MiB on CPU = 7,280 tokens of the default model" in _serve_help(capsys)
+    # 589,824 bytes, and 192 MiB holds 341 of them: 5,456 tokens
+    assert "192 MiB on CPU = 5,456 tokens of the default model" in _serve_help(capsys)
 
