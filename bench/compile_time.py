@@ -52,14 +52,8 @@ def main(argv=None) -> int:
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     t0 = time.perf_counter()
-    kw = {}
-    if args.layers_layout != "auto":
-        kw["scan_layers"] = args.layers_layout == "scan"
-    elif "scan_layers" in Model.__init__.__code__.co_varnames:  # this code: the platform's default
-        from hyprjax.model import default_scan_layers
-
-        kw["scan_layers"] = default_scan_layers()
-    model = Model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
+    kw = {} if args.layers_layout == "auto" else dict(scan_layers=args.layers_layout == "scan")
+    model = Model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)  # auto: the platform's layout
     init_s = time.perf_counter() - t0
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_pages=256, max_model_len=2048)
     engine = LLMEngine(model, cfg, None, ecfg, warmup=False, progress=False)
@@ -80,7 +74,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
         *_, runner.cache, runner.counts, runner.seen = out
-    res = dict(label=args.label, layout=kw.get("scan_layers", "unrolled (old code)"), preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
+    res = dict(label=args.label, layout="per-layer loop" if isinstance(model.layers, nnx.List) else "scan", preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
                compile_s_per_bucket_median=statistics.median(times), compile_s_first=times[0],
                compile_s_total=sum(times), maps_per_bucket=(_maps() - maps0) / len(combos), init_s=init_s,
                jax=jax.__version__)

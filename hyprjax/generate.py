@@ -115,11 +115,11 @@ class Generator:
                     on_text(index[o.request_id], o.new_text)
                 if o.finished:
                     reasons[o.request_id] = o.finish_reason
-        eos = set(self.tokenizer.eos_token_ids if self.tokenizer is not None else self.cfg.eos_token_ids)
+        eos = eng._eos()
         out = []
         for p, sp, r in zip(prompts, params, rids):
             toks = tokens[r]
-            ends = set(sp.stop_token_ids) | (set() if sp.ignore_eos else eos)
+            ends = set(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else eos)
             if reasons[r] == "stop" and toks and toks[-1] in ends:
                 toks = toks[:-1]  # the end token is not part of the output
             out.append(Completion(p, toks, "".join(texts[r]), reasons[r]))

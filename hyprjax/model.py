@@ -208,8 +208,11 @@ def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray]:
 class Model(nnx.Module):
     """Decoder-only LM. Weights only; see `__call__`."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool | None = None):
+        """`scan_layers` None: the platform's layout (`default_scan_layers`)."""
         self.cfg = cfg
+        if scan_layers is None:
+            scan_layers = default_scan_layers()
         d = cfg.hidden_size
         self.embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
         if scan_layers:
@@ -279,7 +282,7 @@ class Model(nnx.Module):
         return logits, kv
 
 
-def abstract_model(cfg: ModelConfig, dtype, scan_layers: bool = True) -> Model:
+def abstract_model(cfg: ModelConfig, dtype, scan_layers: bool | None = None) -> Model:
     """The model with ShapeDtypeStruct leaves: real sizes cost nothing until weights are set."""
     return nnx.eval_shape(lambda: Model(cfg, dtype=dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers))
 

@@ -7,18 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyprjax.engine.paged import LoraStep, PagedAttention, PagedLora, PagedMeta, init_kv_pool
-from hyprjax.kernels.lora import LoraPairs
+from hyprjax.engine.runner import _pairs as runner_pairs
 
 
 def new_pool(cfg, num_pages: int, page_size: int, dtype=jnp.float32):
     return init_kv_pool(cfg, num_pages, page_size, dtype)
-
-
-def _pairs(rows) -> LoraPairs:
-    rows = list(rows)
-    return LoraPairs(jnp.asarray([r[1] for r in rows], jnp.int32).reshape(-1),
-                     jnp.asarray([r[0] for r in rows], jnp.int32).reshape(-1),
-                     jnp.asarray([r[2] for r in rows], jnp.float32).reshape(-1), jnp.int32(len(rows)))
 
 
 def paged_step(model, pool, ids: list[int], start: int, *, decode: bool, block_q: int = 8,
@@ -42,8 +35,9 @@ def paged_step(model, pool, ids: list[int], start: int, *, decode: bool, block_q
     if mix:
         block = 1 if decode else block_q
         rows = [(s, k * block, w) for s, w in mix for k in range(t // block)]
-        empty = _pairs([])
-        step = LoraStep(tables, _pairs(rows), empty) if decode else LoraStep(tables, empty, _pairs(rows))
+        empty = runner_pairs([], 0)
+        pairs = runner_pairs(rows, len(rows))
+        step = LoraStep(tables, pairs, empty) if decode else LoraStep(tables, empty, pairs)
         adapter = PagedLora(step, meta)
 
     @jax.jit
