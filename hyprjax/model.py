@@ -237,22 +237,16 @@ class Model(nnx.Module):
         (training) instead of keeping its activations.
         """
         cfg = self.cfg
-        x = self.embed(tokens)
-        if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        x = self.embed_tokens(tokens)
         data = layer_data(cfg)
-        scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        apply = _no_adapter if adapter is None else adapter
         per_layer = None if adapter is None else adapter.per_layer
 
         def body(carry, xs):
             x, kv = carry
             block, index, data, adapter_slice = xs
-            window = data.get("window")
-            layer = Layer(index, window, adapter_slice, scale=scale, softcap=cfg.attn_logit_softcap)
             block = nnx.merge(graphdef, block)
-            rope = (data["inv_freq"], data["rope_scale"])
-            return block(x, positions, rope, layer, attention, apply, kv), None
+            return run_layer(cfg, block, x, positions, index, data, attention=attention, adapter=adapter, kv=kv,
+                             adapter_slice=adapter_slice), None
 
         if remat:
             body = jax.checkpoint(body)
@@ -268,6 +262,18 @@ class Model(nnx.Module):
             graphdef, stacked = nnx.split(self.layers)
             xs = (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32), data, per_layer)
             (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+        return self.logits(x, logit_index), kv
+
+    def embed_tokens(self, tokens):
+        """tokens i32[B, T] -> the first layer's input f[B, T, D]."""
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        return x
+
+    def logits(self, x, logit_index=None):
+        """The last layer's output f[B, T, D] -> logits f32[B, T, V] (or f32[B, R, V] at `logit_index`)."""
+        cfg = self.cfg
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, R, D]
         x = self.norm(x)
@@ -279,7 +285,20 @@ class Model(nnx.Module):
         if cfg.final_logit_softcap:
             cap = cfg.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
-        return logits, kv
+        return logits
+
+
+def run_layer(cfg: ModelConfig, block: Block, x, positions, index, data: dict, *, attention: AttentionFn, adapter,
+              kv, adapter_slice=None):
+    """One decoder layer: `block` (a `Block`) at layer `index` with that layer's `layer_data` row.
+
+    `Model.__call__` runs every layer through this; an engine may also run the layers one call
+    at a time (engine/layerwise.py). Returns (x, kv).
+    """
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+    layer = Layer(index, data.get("window"), adapter_slice, scale=scale, softcap=cfg.attn_logit_softcap)
+    rope = (data["inv_freq"], data["rope_scale"])
+    return block(x, positions, rope, layer, attention, _no_adapter if adapter is None else adapter, kv)
 
 
 def abstract_model(cfg: ModelConfig, dtype, scan_layers: bool | None = None) -> Model:

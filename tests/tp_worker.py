@@ -94,9 +94,10 @@ def _forward_diff(model, cfg, mesh) -> float:
 
 
 def _matrix_spec(state, module: str) -> str:
-    layers = state["layers"]
-    if 0 in layers:
-        layers = layers[0]
+    if hasattr(state, "layer_state"):  # the CPU layout's layer-wise step (engine/step.py)
+        layers = state.layer_state(0)
+    else:
+        layers = state["layers"]
     return str(tuple(layers["attn"][module]["kernel"][...].sharding.spec)[-2:])
 
 
@@ -145,7 +146,7 @@ def run_case(name: str, tmp: str) -> dict:
         q_kernel_spec=_matrix_spec(runner.state, "q_proj"),
         k_kernel_spec=_matrix_spec(runner.state, "k_proj"),
         o_kernel_spec=_matrix_spec(runner.state, "o_proj"),
-        embed_spec=str(runner.state["embed"]["embedding"][...].sharding.spec),
+        embed_spec=str(getattr(runner.state, "shell", runner.state)["embed"]["embedding"][...].sharding.spec),
         lora_q_specs=[str(a_q.sharding.spec), str(b_q.sharding.spec)],
         lora_o_specs=[str(a_o.sharding.spec), str(b_o.sharding.spec)],
         shard_map_traced=sorted(set(_traced)),

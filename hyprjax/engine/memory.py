@@ -132,17 +132,21 @@ def _libc():
         return None
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (`M_ARENA_MAX`) before the serving threads start.
+def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 256 * 2**10) -> bool:
+    """Cap glibc's malloc arenas (`M_ARENA_MAX`) and fix its mmap threshold, before the serving
+    threads start.
 
     glibc gives each thread that allocates its own arena (up to 8 per core), and each keeps the
     space its thread freed; XLA's worker threads, the engine thread and the HTTP threads each
     grow one. Two arenas cost nothing measurable here and kept ~100 MB less resident after the
-    warm-up (default model). Returns whether glibc took the setting.
+    warm-up (default model). glibc also raises its mmap threshold each time a large block is
+    freed (up to 32 MiB), after which compile-time and step temporaries land in the heap and
+    fragment it; a fixed 256 KiB threshold keeps them in their own mappings, returned on free
+    (~17 MB less after the warm-up, measured). Returns whether glibc took the settings.
     """
     libc = _libc()
-    try:
-        return bool(libc is not None and libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    try:  # -8: M_ARENA_MAX, -3: M_MMAP_THRESHOLD
+        return bool(libc is not None and libc.mallopt(-8, arenas) and libc.mallopt(-3, mmap_threshold))
     except AttributeError:
         return False
 

@@ -1,4 +1,5 @@
-"""ModelRunner: packs a scheduled step into fixed-shape arrays and runs the jitted paged step.
+"""ModelRunner: packs a scheduled step into fixed-shape arrays and runs the jitted paged step
+(engine/step.py: one fused program per bucket on GPU/TPU, embed + per-layer + head programs on CPU).
 
 Layout of a step's T tokens: [Td decode tokens | Tp prefill tokens], Td from
 `EngineConfig.step_buckets()` (decode-only, prefill-only and mixed steps); each prefill chunk is padded to
@@ -36,60 +37,12 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..kernels.lora import LoraPairs
 from ..sharding import kernel_sharding, shard_params, step_shardings
-from .paged import KVPool, LoraStep, PagedAttention, PagedLora, PagedMeta, init_kv_pool
-from ..sampling import SamplingArrays, SamplingParams, record, sample
+from .paged import LoraStep, PagedMeta, init_kv_pool
+from ..sampling import SamplingArrays, SamplingParams
 from .config import EngineConfig
+from .step import StepInputs, fused_step, layerwise_step, split_layerwise
 
 log = logging.getLogger("hyprjax.engine")
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class StepInputs:
-    tokens: jax.Array  # i32[T]
-    positions: jax.Array  # i32[T], -1 = padding
-    meta: PagedMeta
-    logit_index: jax.Array  # i32[R] token index of each row's last token
-    row_slot: jax.Array  # i32[R] persistent slot of each row's sequence
-    row_step: jax.Array  # i32[R] index of the output token each row samples (seeds the key)
-    row_active: jax.Array  # bool[R] rows that sample this step
-    want_logprobs: jax.Array  # bool[] any row asked for logprobs
-
-
-def _step(graphdef, state, cache, counts, seen, inp: StepInputs, sampling: SamplingArrays, lora: LoraStep | None,
-          *, max_logprobs, shardings=None):
-    model = nnx.merge(graphdef, state)
-    adapter = None if lora is None else PagedLora(lora, inp.meta)
-    logits, cache = model(inp.tokens[None], inp.positions[None], attention=PagedAttention(inp.meta), kv=cache,
-                          adapter=adapter, logit_index=inp.logit_index[None])
-    logits = logits[0]
-    rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
-    tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
-    counts, seen = record(tokens, counts, seen, inp.row_active, inp.row_slot)  # into the slots' penalty rows
-
-    def with_logprobs(logits):
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        top_lp, top_ids = jax.lax.top_k(logp, max_logprobs)
-        return jnp.take_along_axis(logp, tokens[:, None], axis=1)[:, 0], top_ids.astype(jnp.int32), top_lp
-
-    def without(logits):
-        r = logits.shape[0]
-        return (jnp.zeros((r,), jnp.float32), jnp.zeros((r, max_logprobs), jnp.int32),
-                jnp.zeros((r, max_logprobs), jnp.float32))
-
-    chosen_lp, top_ids, top_lp = jax.lax.cond(inp.want_logprobs, with_logprobs, without, logits)
-    if shardings is not None:  # sharding.StepShardings: outputs placed as the next step's inputs
-        pin = jax.lax.with_sharding_constraint
-        cache = pin(cache, KVPool(shardings.kv, shardings.kv))
-        counts, seen = pin((counts, seen), (shardings.penalties, shardings.penalties))
-        tokens, chosen_lp, top_ids, top_lp = pin((tokens, chosen_lp, top_ids, top_lp), (shardings.replicated,) * 4)
-    return tokens, chosen_lp, top_ids, top_lp, cache, counts, seen
-
-
-# One jit per process, not per runner: the graphdef (hashable; equal for equal model structures)
-# is a static argument, so engines over the same model shape (a rebuilt offline engine, the
-# tests' many engines) share compiled steps instead of compiling every bucket again.
-_STEP = jax.jit(_step, static_argnums=(0,), static_argnames=("max_logprobs", "shardings"), donate_argnums=(2, 3, 4))
 
 
 def _admit(counts, seen, slot, seen_ids, count_ids, *, sharding=None):
@@ -147,7 +100,12 @@ class ModelRunner:
         self._kernel_sharding = kernel_sharding(cfg, mesh)
         self.reset_state()
         self.lora_tables = lora_tables  # callable -> the registry's current slot tables, or None
-        self._step = partial(_STEP, self.graphdef, max_logprobs=ecfg.max_logprobs, shardings=self.shardings)
+        kw = dict(max_logprobs=ecfg.max_logprobs, shardings=self.shardings)
+        if isinstance(model.layers, nnx.List):  # one array per layer (CPU): a program per layer (step.py)
+            graph, self.state = split_layerwise(self.graphdef, self.state, cfg, self.shardings and self.shardings.replicated)
+            self._step = layerwise_step(graph, **kw)
+        else:
+            self._step = fused_step(self.graphdef, **kw)
         self._admit = _ADMIT if self.shardings is None else partial(_ADMIT, sharding=self.shardings.penalties)
         self._decode_buckets = ecfg.decode_buckets()
         self._mixed_decode_buckets = ecfg.mixed_decode_buckets()
