@@ -4,7 +4,8 @@ Per-sequence parameters travel as arrays (`SamplingArrays`), so one compiled ste
 batch whose requests all sample differently. Randomness is a per-sequence key folded with the
 token index: a seeded request gives the same tokens whatever else shares its batch.
 The sort that top-k/top-p/min-p need runs only when some row in the batch asks for it
-(`lax.cond`), so greedy and plain-temperature batches never pay for a vocabulary sort.
+(`lax.cond`), so greedy and plain-temperature batches never pay for a vocabulary sort, and the
+random draw runs only when some row has a temperature, so greedy batches pay for neither.
 """
 
 from __future__ import annotations
@@ -137,17 +138,24 @@ def sample(logits, s: SamplingArrays, counts, seen, step):
     """Pick one token per row. logits f32[B, V], step i32[B] (index of the token each row samples)."""
     logits = apply_penalties(logits.astype(jnp.float32), s, counts, seen)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    scaled = logits / temp
-    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
-    scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
+    random = s.temperature > 0
 
-    def draw(key_data, row, i):
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
-        return jax.random.categorical(key, row)
+    def draw_all(logits):
+        temp = jnp.where(random, s.temperature, 1.0)[:, None]
+        scaled = logits / temp
+        needs_filter = jnp.any(random & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
+        scaled = jax.lax.cond(needs_filter, _filter, lambda x, _: x, scaled, s)
 
-    drawn = jax.vmap(draw)(s.keys, scaled, step).astype(jnp.int32)
-    return jnp.where(s.temperature > 0, drawn, greedy)
+        def draw(key_data, row, i):
+            key = jax.random.fold_in(jax.random.wrap_key_data(key_data), i)
+            return jax.random.categorical(key, row)
+
+        return jax.vmap(draw)(s.keys, scaled, step).astype(jnp.int32)
+
+    # Only when some row samples at random: the Gumbel noise costs two logs per vocabulary entry
+    # and row (3 ms of a 77 ms batch-1 decode step at a 152k vocabulary on CPU, measured).
+    drawn = jax.lax.cond(jnp.any(random), draw_all, lambda _: greedy, logits)
+    return jnp.where(random, drawn, greedy)
 
 
 def record(tokens, counts, seen, active, rows=None):
