@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
         *_, runner.cache, runner.counts, runner.seen = out
-    res = dict(label=args.label, layout="per-layer loop" if isinstance(model.layers, nnx.List) else "scan", preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
+    res = dict(label=args.label, layout="layer-wise steps" if isinstance(model.layers, nnx.List) else "scan", preset=args.preset, layers=cfg.num_layers, buckets=len(combos),
                compile_s_per_bucket_median=statistics.median(times), compile_s_first=times[0],
                compile_s_total=sum(times), maps_per_bucket=(_maps() - maps0) / len(combos), init_s=init_s,
                jax=jax.__version__)

@@ -33,7 +33,9 @@ def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype:
     import hyprjax
 
     t0 = time.perf_counter()
-    llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16)
+    # No prefix cache: every repeat prefills the same prompt, which would otherwise be served from
+    # the pages of the warm-up run (prefill "measured" at 4-5x its real speed).
+    llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16, enable_prefix_caching=False)
     load_s = time.perf_counter() - t0
 
     def timed(max_tokens: int):

@@ -1,5 +1,9 @@
 """hyprjax: a pure-JAX LLM runtime for Qwen-family models."""
 
+from . import xla_flags
+
+xla_flags.apply()  # before anything creates JAX's CPU backend (xla_flags.py says why)
+
 from .adapters.registry import LoraRequest
 from .config import PRESETS, ModelConfig, RopeScaling
 from .errors import HyprjaxError

@@ -35,11 +35,14 @@ class LLM:
 
     `tensor_parallel=N` splits the weights, KV pool and adapter slot tables over N devices
     (hyprjax/sharding.py has the rules); 1, the default, runs on one device with no mesh.
+    `enable_prefix_caching=False` recomputes every prompt (benchmarks of prefill need it: a
+    repeated prompt is otherwise served from the pages its first run left).
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_batch: int = 32, progress: bool = True, max_loras: int = 8,
-                 max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1):
+                 max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
+                 enable_prefix_caching: bool = True):
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
         mesh = tensor_parallel_mesh(tensor_parallel)  # a bad value fails before the load
@@ -50,7 +53,7 @@ class LLM:
         if mesh is not None:
             shard_model(loaded.model, loaded.cfg, mesh)
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
-                                   max_batch=max_batch, mesh=mesh)
+                                   max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching)
         self._lora_limits = (max_loras, max_lora_rank)
 
     @property

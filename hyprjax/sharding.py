@@ -183,6 +183,15 @@ class StepShardings(NamedTuple):
     replicated: NamedSharding  # what the host reads back (tokens, logprobs)
 
 
+def kv_shards(cfg: ModelConfig, mesh: Mesh | None) -> int:
+    """How many devices split each KV page: the mesh's size when the kv heads divide over it,
+    else 1 (the pool is replicated). The engine sizes its pool by it (engine/memory.py)."""
+    if mesh is None:
+        return 1
+    spec = logical_spec(KV_POOL_AXES, (cfg.num_layers, 1, 1, cfg.num_kv_heads, cfg.head_dim), cfg, mesh)
+    return mesh.shape[TP] if spec[3] == TP else 1
+
+
 def step_shardings(cfg: ModelConfig, mesh: Mesh | None, num_pages: int, page_size: int,
                    max_num_seqs: int) -> StepShardings | None:
     """The engine state's shardings on `mesh`; None without one (single device, no mesh code)."""

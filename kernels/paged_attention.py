@@ -199,10 +199,17 @@ def ref_paged_attention(q, k_pages, v_pages, q_block_seq, q_positions, page_tabl
     span = jnp.arange(block_kv)
     last = pages.shape[1] // ppb - 1
 
+    def block_ids(i):  # [B, pages per kv block]: the pool pages of kv block lo + i of each query block
+        j = jnp.minimum(lo + i, last)  # clamped when a query block is done
+        return jnp.take_along_axis(pages, j[:, None] * ppb + jnp.arange(ppb), axis=1)
+
+    # The next block's page ids are computed at the end of each trip and carried: a loop-carried
+    # value is a buffer, so XLA cannot fuse this index math into the gathers, where it would be
+    # recomputed for every gathered element (XLA:CPU did so in the engine's layer-wise step; the
+    # time that step lost was elsewhere, docs/engine.md, but the recomputation is pure waste).
     def body(carry):
-        i, m, l, acc, k_pages, v_pages = carry
-        j = jnp.minimum(lo + i, last)  # [B] kv block of each query block; clamped when done
-        ids = jnp.take_along_axis(pages, j[:, None] * ppb + jnp.arange(ppb), axis=1)
+        i, ids, m, l, acc, k_pages, v_pages = carry
+        j = jnp.minimum(lo + i, last)
         k = read(k_pages, ids).reshape(nb, block_kv, kh, h)
         v = read(v_pages, ids).reshape(nb, block_kv, kh, h)
         s = jnp.einsum("bqkgh,bskh->bkgqs", qg, k, preferred_element_type=jnp.float32)
@@ -212,13 +219,13 @@ def ref_paged_attention(q, k_pages, v_pages, q_block_seq, q_positions, page_tabl
         p, alpha, m, l = _softmax_step(_logits(s, scale, softcap), mask, m, l)
         pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v,
                         preferred_element_type=jnp.float32)
-        return i + 1, m, l, alpha * acc + pv, k_pages, v_pages
+        return i + 1, block_ids(i + 1), m, l, alpha * acc + pv, k_pages, v_pages
 
     trips = jnp.max(hi - lo)
-    init = (jnp.int32(0), jnp.full((nb, kh, g, block_q, 1), -jnp.inf, jnp.float32),
+    init = (jnp.int32(0), block_ids(0), jnp.full((nb, kh, g, block_q, 1), -jnp.inf, jnp.float32),
             jnp.zeros((nb, kh, g, block_q, 1), jnp.float32),
             jnp.zeros((nb, kh, g, block_q, h), jnp.float32), k_pages, v_pages)
-    _, _, l, acc, k_pages, v_pages = lax.while_loop(lambda c: c[0] < trips, body, init)
+    _, _, _, l, acc, k_pages, v_pages = lax.while_loop(lambda c: c[0] < trips, body, init)
     out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
     out = out.transpose(0, 3, 1, 2, 4).reshape(t, n, h).astype(q.dtype)
     return (out, k_pages, v_pages) if return_pool else out

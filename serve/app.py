@@ -25,11 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from hyprjax.engine.llm_engine import EngineDeadError, EngineError
 
 from . import responses as R
-from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, Engine, HyprjaxError, LoraRequest,
-                         PromptTooLongError, QueueFullError, check_allowed)
+from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, Engine, EngineDeadError, EngineError,
+                         HyprjaxError, LoraRequest, PromptTooLongError, QueueFullError, check_allowed)
 from .errors import (APIError, adapter_not_found, bad_request, forbidden, internal_error, model_not_found,
                      overloaded, unauthorized)
 from .metrics import ServerMetrics
@@ -343,12 +342,8 @@ class _EngineStreamResponse(StreamingResponse):
 
 
 def _dead_reason(engine: Engine) -> str | None:
-    """Why the engine serves nothing any more, or None (engines without `dead_reason` report a loop `error`)."""
-    reason = getattr(engine, "dead_reason", None)
-    error = getattr(engine, "error", None)
-    if reason is None and error is not None:
-        reason = f"{type(error).__name__}: {error}"
-    return reason
+    """Why the engine serves nothing any more (a failed recovery or a crashed loop), or None."""
+    return engine.dead_reason
 
 
 def _engine_error(e: EngineError) -> APIError:

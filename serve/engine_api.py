@@ -16,10 +16,11 @@ from hyprjax.adapters.registry import AdapterNotFoundError, LoraRequest
 from hyprjax.errors import HyprjaxError, PromptTooLongError
 from hyprjax.sampling import SamplingParams
 
-from hyprjax.engine.llm_engine import QueueFullError
+from hyprjax.engine.llm_engine import EngineDeadError, EngineError, QueueFullError, StepFailedError
 
-__all__ = ["AdapterError", "AdapterNotFoundError", "AdapterPathError", "Engine", "HyprjaxError", "LoraRequest",
-           "PromptTooLongError", "QueueFullError", "RequestOutput", "SamplingParams", "check_allowed"]
+__all__ = ["AdapterError", "AdapterNotFoundError", "AdapterPathError", "Engine", "EngineDeadError", "EngineError",
+           "HyprjaxError", "LoraRequest", "PromptTooLongError", "QueueFullError", "RequestOutput", "SamplingParams",
+           "StepFailedError", "check_allowed"]
 
 
 class TokenLogprob(Protocol):
@@ -49,11 +50,15 @@ class Engine(Protocol):
     tokenizer: Any  # hyprjax.tokenizer.Tokenizer: encode, decode, apply_chat_template, vocab_size
     max_model_len: int
     ready: bool
+    dead_reason: str | None  # why the engine serves nothing any more (/health answers 500 with it), or None
+
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
                  logprobs: int | None = None, lora: LoraRequest | None = None) -> AsyncIterator[RequestOutput]:
         """Enqueue one request; may raise PromptTooLongError / QueueFullError / AdapterNotFoundError /
-        AdapterError at the call or the first read. Closing the iterator early aborts the request."""
+        AdapterError at the call or the first read, and StepFailedError (a step failed; the engine
+        recovered) or EngineDeadError (it did not) while streaming. Closing the iterator early
+        aborts the request."""
         ...
 
     def adapters(self) -> dict[str, str]:

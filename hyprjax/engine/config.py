@@ -83,12 +83,13 @@ class EngineConfig:
     def lora_buckets(self) -> tuple[list[int], list[int]]:
         """(decode, prefill) bucket sizes of steps that carry adapters: a coarser grid.
 
-        XLA:CPU gives each compiled kernel its own memory mappings, and the model's layers are
-        unrolled, so a LoRA step (seven pair loops per layer) maps ~4x the kernels of a base
-        step. Compiling every base bucket again with LoRA ran past Linux's default
-        vm.max_map_count (65530) on a 28-layer model and the process died mid start-up. So
-        LoRA steps pad to decode sizes {0, 8, max} and prefill sizes {0, smallest, largest}:
-        at most 8 extra compiles. Padding a small decode batch costs little (decode reads every
+        XLA:CPU gives each compiled kernel its own memory mappings, and when the layers were
+        unrolled a LoRA step (seven pair loops per layer) mapped ~4x the kernels of a base step:
+        compiling every base bucket again with LoRA ran past Linux's default vm.max_map_count
+        (65530) on a 28-layer model. Layers are scanned (GPU/TPU) or run layer-wise (CPU) now,
+        so that limit is gone; the grid stays to bound start-up time with adapters. LoRA steps
+        pad to decode sizes {0, 8, max} and prefill sizes {0, smallest, largest}: at most 8
+        extra compiles. Padding a small decode batch costs little (decode reads every
         weight whatever the batch); a short prefill chunk pays for the smallest bucket, a
         longer one for the largest.
         """

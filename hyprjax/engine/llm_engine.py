@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
 from ..sampling import SamplingParams, fresh_seed, seed_key
-from ..sharding import lora_table_sharding
+from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .memory import kv_pool_pages
@@ -125,7 +125,7 @@ class LLMEngine:
         self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype_bytes = jax.tree.leaves(nnx.state(model))[0].dtype.itemsize
-        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes)
+        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh))
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)

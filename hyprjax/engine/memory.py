@@ -98,10 +98,16 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int:
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
 
-def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None) -> tuple[int, int]:
+def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_shards: int = 1) -> tuple[int, int]:
     """(num_pages, page_bytes) of the KV pool: `ecfg.num_pages` when set, else as many pages as
     fit `ecfg.kv_cache_memory` (bytes, or a fraction of `device`'s free memory now; None is the
-    platform default). ConfigError if the budget holds fewer than two pages."""
+    platform default). ConfigError if the budget holds fewer than two pages.
+
+    `kv_shards`: how many devices split each page (tensor parallelism over kv heads). On GPU/TPU
+    the budget is per device, as vLLM's is, and a device holds 1/kv_shards of every page, so the
+    pool gets kv_shards times the pages. On CPU every device lives in the same host memory, so
+    the budget is for the whole pool whatever the mesh.
+    """
     per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes)
     if ecfg.num_pages is not None:
         return ecfg.num_pages, per_page
@@ -114,11 +120,12 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None) -> t
         log.info("KV budget: %.2f of %.1f MiB free on %s = %.1f MiB", budget, free / 2**20, device.platform,
                  budget * free / 2**20)
         budget = int(budget * free)
-    num_pages = budget // per_page
+    shards = 1 if device.platform == "cpu" else max(1, kv_shards)
+    num_pages = budget * shards // per_page
     if num_pages < 2:
         raise ConfigError(f"a KV budget of {budget} bytes holds {num_pages} of the 2 pages the pool needs at least "
                           f"({ecfg.page_size} tokens, {per_page} bytes each): give kv_cache_memory >= "
-                          f"{2 * per_page} bytes, or num_pages")
+                          f"{2 * per_page // shards} bytes, or num_pages")
     return num_pages, per_page
 
 

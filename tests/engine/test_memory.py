@@ -157,3 +157,27 @@ def test_serve_help_on_the_real_default_model(capsys):
     # 589,824 bytes, and 192 MiB holds 341 of them: 5,456 tokens
     assert "192 MiB on CPU = 5,456 tokens of the default model" in _serve_help(capsys)
 
+
+
+def test_tensor_parallel_pages_follow_the_kv_split(monkeypatch):
+    """On an accelerator the budget is per device, and a device holds 1/kv_shards of each page:
+    4-way kv sharding fits 4x the pages. On CPU all devices share host memory: no change."""
+    ecfg = EngineConfig(kv_cache_memory=100 * 16384)
+    gpu = FakeDevice("gpu", {"bytes_limit": 10**9, "bytes_in_use": 0})
+    assert kv_pool_pages(TINY, ecfg, 4, device=gpu, kv_shards=4) == (400, 16384)
+    assert kv_pool_pages(TINY, ecfg, 4, device=gpu, kv_shards=1) == (100, 16384)
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu"), kv_shards=4) == (100, 16384)
+
+
+def test_kv_shards_is_the_mesh_size_only_when_kv_heads_divide():
+    """Only the mesh's axis sizes matter here, so a stand-in mesh of 2 or 4 "devices" will do."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hyprjax.sharding import TP, kv_shards
+
+    two, four = SimpleNamespace(shape={TP: 2}), SimpleNamespace(shape={TP: 4})
+    assert kv_shards(TINY, None) == 1
+    assert kv_shards(TINY, two) == 2  # 2 kv heads over 2 devices
+    assert kv_shards(TINY, four) == 1  # 2 kv heads do not split 4 ways: the pool is replicated
+    assert kv_shards(dataclasses.replace(TINY, num_heads=8, num_kv_heads=4), four) == 4

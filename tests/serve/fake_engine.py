@@ -104,6 +104,7 @@ class FakeEngine:
     def __init__(self, *, model_name="fake-model", max_model_len=256, delay=0.0, chunk=1, max_running=None,
                  prompt_limit=None, lazy_errors=False, fail_after=None, ready=True, tokenizer=None):
         self.model_name, self.max_model_len, self.ready = model_name, max_model_len, ready
+        self.dead_reason: str | None = None  # the Engine protocol's: set it to make /health answer 500
         self.tokenizer = tokenizer or FakeTokenizer()
         self.delay, self.chunk, self.max_running = delay, chunk, max_running
         self.prompt_limit, self.lazy_errors, self.fail_after = prompt_limit, lazy_errors, fail_after
