@@ -165,7 +165,7 @@ class _Server:
             return internal_error().response()
 
     async def health(self, request: Request) -> Response:
-        reason = _dead_reason(self.engine)
+        reason = self.engine.dead_reason
         if reason is not None:  # the engine is down: not "loading", and retrying will not help
             return JSONResponse({"status": "error", "reason": reason}, status_code=500)
         if not self.engine.ready:
@@ -194,7 +194,7 @@ class _Server:
 
     async def _generate(self, kind: str, body: dict, arrival: float) -> Response:
         chat = kind == "chat"
-        reason = _dead_reason(self.engine)
+        reason = self.engine.dead_reason
         if reason is not None:
             raise _engine_error(EngineDeadError(reason))
         if not self.engine.ready:  # the context length and the compiled steps are not there yet
@@ -339,11 +339,6 @@ class _EngineStreamResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
                 await self._streams.aclose()
-
-
-def _dead_reason(engine: Engine) -> str | None:
-    """Why the engine serves nothing any more (a failed recovery or a crashed loop), or None."""
-    return engine.dead_reason
 
 
 def _engine_error(e: EngineError) -> APIError:

@@ -25,7 +25,7 @@ and the same seams, and return the same tuple:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import jax
@@ -102,10 +102,7 @@ _STEP = jax.jit(_step, static_argnums=(0,), static_argnames=("max_logprobs", "sh
 
 def fused_step(graphdef, *, max_logprobs: int, shardings=None):
     """The step callable `(state, cache, counts, seen, inp, sampling, lora) -> 7-tuple` (fused)."""
-    def step(state, cache, counts, seen, inp, sampling, lora):
-        return _STEP(graphdef, state, cache, counts, seen, inp, sampling, lora, max_logprobs=max_logprobs,
-                     shardings=shardings)
-    return step
+    return partial(_STEP, graphdef, max_logprobs=max_logprobs, shardings=shardings)
 
 
 # ---- layer-wise ------------------------------------------------------------------------------
