@@ -29,13 +29,15 @@ def log(msg: str) -> None:
     print(f"[decode bench] {msg}", file=sys.stderr, flush=True)
 
 
-def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype: str) -> dict:
+def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype: str,
+                  quantization: str = "none") -> dict:
     import hyprjax
 
     t0 = time.perf_counter()
     # No prefix cache: every repeat prefills the same prompt, which would otherwise be served from
     # the pages of the warm-up run (prefill "measured" at 4-5x its real speed).
-    llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16, enable_prefix_caching=False)
+    llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16, enable_prefix_caching=False,
+                      quantization=quantization)
     load_s = time.perf_counter() - t0
 
     def timed(max_tokens: int):
@@ -55,7 +57,7 @@ def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype:
         t, tokens = timed(n_gen)
         total.append(t)
     p, t = statistics.median(prefill), statistics.median(total)
-    return dict(engine="hyprjax", dtype=dtype, prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
+    return dict(engine="hyprjax", dtype=dtype, quantization=quantization, prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
                 load_s=load_s, warmup_s=compile_s, tokens=tokens)
 
 
@@ -88,7 +90,7 @@ def text_prompt(path: str, n_prompt: int) -> list[int]:
 
 
 def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str,
-        text: bool = False) -> list[dict]:
+        text: bool = False, quantization: str = "none") -> list[dict]:
     from hyprjax.formats.gguf_read import GGUFFile
 
     rows = []
@@ -98,8 +100,8 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
         types = sorted({gf.type_name(n) for n in gf.names() if gf.shape(n)[0] > 1 and len(gf.shape(n)) == 2})
         prompt = text_prompt(path, n_prompt) if text else default_prompt(n_prompt, vocab)
         name = Path(path).name
-        log(f"{name}: hyprjax ({dtype}) ...")
-        ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype)
+        log(f"{name}: hyprjax ({dtype}, quantization {quantization}) ...")
+        ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype, quantization)
         log(f"{name}: llama.cpp ({threads} threads) ...")
         try:
             theirs = run_llamacpp(path, n_gen=n_gen, threads=threads, repeats=repeats, prompt_tokens=prompt)
@@ -117,14 +119,15 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
+    lines = ["| model | weights | hyprjax weights | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
              "| llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h, l = r["hyprjax"], r["llamacpp"] or {}
         agree = r.get("greedy_agreement")
         agree = f"{agree['common_prefix']}/{agree['of']}" if agree else "-"
-        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {h['prefill_tok_s']:.1f} | "
+        mine = {"none": h.get("dtype", "float32"), "int8": "int8"}.get(h.get("quantization", "none"))
+        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h['prefill_tok_s']:.1f} | "
                      f"{l.get('prefill_tok_s', float('nan')):.1f} | {r.get('prefill_ratio', float('nan')):.2f} | "
                      f"{h['decode_tok_s']:.2f} | {l.get('decode_tok_s', float('nan')):.2f} | "
                      f"{r.get('decode_ratio', float('nan')):.2f} | "
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--dtype", default="float32", help="hyprjax parameter dtype (float32 is fastest on CPU)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+                    help="hyprjax's weights: none (as --dtype) or int8 (hyprjax/quant.py)")
     ap.add_argument("--text", action="store_true",
                     help="prompt with real English text (tokenized by the model) instead of random token ids")
     ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
             paths.append(str(out))
     if not paths:
         ap.error("give GGUF files or --make SHAPE")
-    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype, args.text)
+    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype, args.text, args.quantization)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:  # keep the JSON readable: token lists go, the agreement stays

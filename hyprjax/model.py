@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .rope import apply_rope, rope_frequencies
+from .quant import dequantize, qdot, quantize_kernel, quantize_rows
+from .rope import apply_rope, rope_frequencies, rope_tables
 
 NO_WINDOW = 1 << 30  # the window of a global layer in a model that also has sliding layers
 
@@ -98,8 +99,17 @@ class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), dtype) * din ** -0.5)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+        self.qscale = nnx.data(None)  # f32[dout] once quantized: the kernel is then i8[dout, din] (hyprjax/quant.py)
+
+    def quantize(self) -> None:
+        """Replace the float kernel by its int8 form (hyprjax/quant.py: layout and why)."""
+        q, scale = quantize_kernel(self.kernel[...])
+        self.kernel, self.qscale = nnx.Param(q), nnx.data(nnx.Param(scale))
 
     def __call__(self, x):
+        if self.qscale is not None:
+            y = qdot(x, self.kernel[...], self.qscale[...]).astype(x.dtype)
+            return y if self.bias is None else y + self.bias[...]
         w = self.kernel[...]
         y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=w.dtype)
         if self.bias is not None:
@@ -142,7 +152,8 @@ class Attention(nnx.Module):
         v = adapter("v_proj", layer, x, self.v_proj(x)).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, *rope), apply_rope(k, positions, *rope)
+        tables = rope_tables(positions, *rope)
+        q, k = apply_rope(q, tables), apply_rope(k, tables)
         out, kv = attention(q, k, v, positions, layer, kv)
         out = out.reshape(b, t, -1)
         return adapter("o_proj", layer, out, self.o_proj(out)), kv
@@ -264,9 +275,24 @@ class Model(nnx.Module):
             (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
         return self.logits(x, logit_index), kv
 
+    @property
+    def compute_dtype(self):
+        """The activations' dtype (the final norm's): the KV pool's too. Weights may be int8."""
+        return self.norm.scale.dtype
+
+    def quantize_embedding(self) -> None:
+        """int8 rows with one scale per token (`embed.qscale`); the tied LM head reads them too."""
+        q, scale = quantize_rows(self.embed.embedding[...])
+        self.embed.embedding, self.embed.qscale = nnx.Param(q), nnx.data(nnx.Param(scale))
+
     def embed_tokens(self, tokens):
         """tokens i32[B, T] -> the first layer's input f[B, T, D]."""
-        x = self.embed(tokens)
+        qscale = getattr(self.embed, "qscale", None)
+        if qscale is not None:  # gather the int8 rows, then dequantize only those
+            q = self.embed.embedding[...]
+            x = dequantize(q[tokens], qscale[...][tokens]).astype(self.compute_dtype)
+        else:
+            x = self.embed(tokens)
         if self.cfg.embed_scale:
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         return x
@@ -277,7 +303,10 @@ class Model(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, R, D]
         x = self.norm(x)
-        if self.lm_head is None:
+        qscale = getattr(self.embed, "qscale", None)
+        if self.lm_head is None and qscale is not None:
+            logits = qdot(x, self.embed.embedding[...], qscale[...])
+        elif self.lm_head is None:
             w = self.embed.embedding[...]
             logits = jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
         else:

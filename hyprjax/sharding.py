@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -139,15 +140,40 @@ def shard_params(state, cfg: ModelConfig, mesh: Mesh):
     """
     shardings = param_shardings(cfg, mesh)
 
+    def entries(key: tuple, ndim: int) -> tuple:
+        spec = tuple(shardings[key].spec)
+        return spec + (None,) * (ndim - len(spec))
+
+    def spec(key: tuple, x) -> P | None:
+        """The PartitionSpec of the parameter at `key`, None if the tables lack it. A quantized
+        kernel is stored transposed, and its per-output-channel scale splits as the kernel's
+        output dimension (hyprjax/quant.py)."""
+        per_layer = len(key) > 1 and key[0] == "layers" and isinstance(key[1], int)  # CPU: one array per layer
+        base = (key[0], *key[2:]) if per_layer else key
+        ndim = x.ndim + per_layer  # of the stacked parameter
+        if base[-1] == "qscale":
+            owner = base[:-1]
+            if (*owner, "embedding") in shardings:  # one scale per embedding row
+                found = entries((*owner, "embedding"), 2)[:1]
+            elif (*owner, "kernel") in shardings:  # [L?, din, dout] -> [L?, dout]
+                kernel = entries((*owner, "kernel"), ndim + 1)
+                found = (*kernel[:-2], kernel[-1])
+            else:
+                return None
+        elif base in shardings:
+            found = entries(base, ndim)
+            if base[-1] == "kernel" and x.dtype == jnp.int8:  # stored [L?, dout, din]
+                found = (*found[:-2], found[-1], found[-2])
+        else:
+            return None
+        return P(*(found[1:] if per_layer else found))
+
     def one(path, x):
         key = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        if len(key) > 1 and key[0] == "layers" and isinstance(key[1], int):  # one layer of unstacked layers (CPU)
-            stacked = shardings.get((key[0], *key[2:]))
-            if stacked is not None:
-                return place(x, NamedSharding(mesh, P(*stacked.spec[1:])))
-        if key not in shardings:
+        found = spec(key, x)
+        if found is None:
             raise ValueError(f"parameter {key} is not in the name table (formats/names.py): no sharding for it")
-        return place(x, shardings[key])
+        return place(x, NamedSharding(mesh, found))
 
     return jax.tree_util.tree_map_with_path(one, state)
 

@@ -42,6 +42,7 @@ CASES = {
     "qwen3-kv2": dict(arch="qwen3", model=dict(num_key_value_heads=2), backend="xla"),  # kv replicated
     "gemma3-kv4": dict(arch="gemma3", model=dict(num_key_value_heads=4), backend="xla"),
     "gemma3-kv1": dict(arch="gemma3", model=dict(num_key_value_heads=1), backend="xla"),  # kv replicated
+    "qwen3-kv4-int8": dict(arch="qwen3", model=dict(num_key_value_heads=4), backend="xla", quantization="int8"),
     "pallas-qwen3-kv4": dict(arch="qwen3", model=dict(num_key_value_heads=4, head_dim=32), backend="pallas"),
     "pallas-gemma3-kv2": dict(arch="gemma3", model=dict(num_key_value_heads=2), backend="pallas"),  # kv replicated
 }
@@ -98,14 +99,29 @@ def _matrix_spec(state, module: str) -> str:
         layers = state.layer_state(0)
     else:
         layers = state["layers"]
-    return str(tuple(layers["attn"][module]["kernel"][...].sharding.spec)[-2:])
+    kernel = layers["attn"][module]["kernel"][...]
+    spec = tuple(kernel.sharding.spec) + (None,) * (kernel.ndim - len(kernel.sharding.spec))
+    spec = spec[-2:] if kernel.dtype != jnp.int8 else spec[-2:][::-1]  # int8 is stored [dout, din]
+    return str(spec)
+
+
+def _scale_spec(state, module: str) -> str | None:
+    layers = state.layer_state(0) if hasattr(state, "layer_state") else state["layers"]
+    scale = layers["attn"][module].get("qscale")
+    return None if scale is None else str(tuple(scale[...].sharding.spec)[-1:])
+
+
+def _embed_scale_spec(state) -> str | None:
+    scale = getattr(state, "shell", state)["embed"].get("qscale")
+    return None if scale is None else str(scale[...].sharding.spec)
 
 
 def run_case(name: str, tmp: str) -> dict:
     case = CASES[name]
     hf = make_hf_model(f"{tmp}/{name}", case["arch"], seed=0, **case["model"])
     make_peft_adapter(hf, f"{tmp}/{name}-lora", seed=1, r=8)
-    lm = load_model(f"{tmp}/{name}", with_tokenizer=False, progress=False)
+    lm = load_model(f"{tmp}/{name}", with_tokenizer=False, progress=False,
+                    quantization=case.get("quantization", "none"))
     mesh = make_mesh(TP)
     ecfg = EngineConfig(attention_backend=case["backend"], **ENGINE)
     interpret = case["backend"] == "pallas"
@@ -146,6 +162,9 @@ def run_case(name: str, tmp: str) -> dict:
         q_kernel_spec=_matrix_spec(runner.state, "q_proj"),
         k_kernel_spec=_matrix_spec(runner.state, "k_proj"),
         o_kernel_spec=_matrix_spec(runner.state, "o_proj"),
+        q_scale_spec=_scale_spec(runner.state, "q_proj"),
+        o_scale_spec=_scale_spec(runner.state, "o_proj"),
+        embed_scale_spec=_embed_scale_spec(runner.state),
         embed_spec=str(getattr(runner.state, "shell", runner.state)["embed"]["embedding"][...].sharding.spec),
         lora_q_specs=[str(a_q.sharding.spec), str(b_q.sharding.spec)],
         lora_o_specs=[str(a_o.sharding.spec), str(b_o.sharding.spec)],

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ..adapters.lora import LoraAdapter
 from ..adapters.registry import LoraRegistry, LoraRequest, PreparedMerge, ResolvedMix
@@ -124,14 +124,14 @@ class LLMEngine:
                  warmup: bool = True, progress: bool = True, interpret: bool = False, mesh=None):
         self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype_bytes = jax.tree.leaves(nnx.state(model))[0].dtype.itemsize
+        dtype = model.compute_dtype  # of the KV pool and adapter slots (weights may be int8)
+        dtype_bytes = jnp.dtype(dtype).itemsize
         num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh))
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                                    ecfg.max_prefill_seqs), self.block_manager, self._admit_lora)
-        dtype = jax.tree.leaves(nnx.state(model))[0].dtype
         self.lora = None
         if ecfg.max_loras:
             self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype,

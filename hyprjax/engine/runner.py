@@ -91,7 +91,7 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         if mesh is not None:  # a no-op for weights the caller already placed (LLM, serve)
             self.state = shard_params(self.state, cfg, mesh)
-        dtype = jax.tree.leaves(self.state)[0].dtype
+        dtype = model.compute_dtype  # weights may be int8 (hyprjax/quant.py)
         self.num_pages, self.page_size = num_pages, ecfg.page_size
         self.max_pages = -(-max_model_len // ecfg.page_size)
         self.backend, self.interpret = backend, interpret

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..model import Model, abstract_model, default_scan_layers
+from ..quant import check_mode, quantize_model
 from .gguf_read import GGUFFile
 from .names import TensorSpec, tensor_table
 from .resolve import resolve_model
@@ -58,13 +59,17 @@ def read_config(path: Path) -> tuple[ModelConfig, object]:
 
 
 def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = True,
-               with_tokenizer: bool = True, scan_layers: bool | None = None) -> LoadedModel:
+               with_tokenizer: bool = True, scan_layers: bool | None = None,
+               quantization: str = "none") -> LoadedModel:
     """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`;
-    `scan_layers` None stacks the layers on GPU/TPU only (model.default_scan_layers)."""
+    `scan_layers` None stacks the layers on GPU/TPU only (model.default_scan_layers);
+    `quantization` "int8" keeps the linear layers and embedding in int8 (hyprjax/quant.py)."""
+    quantization = check_mode(quantization)  # a bad value fails before the load
     path = resolve_model(source)
     cfg, weights = read_config(path)
     dtype = jnp.dtype(dtype)
     model = load_weights(cfg, weights, dtype, progress=progress, scan_layers=scan_layers)
+    quantize_model(model, quantization)
     tokenizer = _load_tokenizer(path, weights) if with_tokenizer else None
     return LoadedModel(cfg, model, tokenizer, path, "gguf" if isinstance(weights, GGUFFile) else "safetensors")
 
