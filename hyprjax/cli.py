@@ -25,9 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
-    p.add_argument("--quantization", "-q", default="none", choices=["none", "int8"],
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8"],
                    help="int8: keep the linear layers and embedding in int8 with one scale per output "
-                        "channel (4x less weight memory than float32; faster decoding on CPU)")
+                        "channel (4x less weight memory than float32; faster decoding on CPU); auto: int8 "
+                        "for a quantized GGUF (Q8_0, Q4_K, ...) on CPU, else none (float weights)")
     p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

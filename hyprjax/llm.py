@@ -39,12 +39,13 @@ class LLM:
     repeated prompt is otherwise served from the pages its first run left).
     `quantization="int8"` keeps the linear layers and the embedding in int8, one scale per
     output channel (hyprjax/quant.py): a quarter of float32's memory, and faster decoding on CPU.
+    "auto" (the default) does so for a quantized GGUF on CPU; "none" keeps float weights.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_batch: int = 32, progress: bool = True, max_loras: int = 8,
                  max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
-                 enable_prefix_caching: bool = True, quantization: str = "none"):
+                 enable_prefix_caching: bool = True, quantization: str = "auto"):
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
         mesh = tensor_parallel_mesh(tensor_parallel)  # a bad value fails before the load

@@ -59,7 +59,7 @@ def test_an_unknown_mode_is_refused_by_name():
     with pytest.raises(HyprjaxError, match="quantization='int4'.*none, int8"):
         load_model("/nonexistent", quantization="int4")
     assert build_parser().parse_args(["serve", "m", "--quantization", "int8"]).quantization == "int8"
-    assert build_parser().parse_args(["generate", "m", "-p", "x"]).quantization == "none"
+    assert build_parser().parse_args(["generate", "m", "-p", "x"]).quantization == "auto"
 
 
 def _fake_quantize(hf) -> None:
@@ -109,3 +109,20 @@ def test_int8_engine_greedy_tokens_equal_transformers(pair):
         for out in eng.step():
             got += out.new_token_ids
     assert got == hf_greedy(hf, PROMPT, 12)
+
+
+@pytest.mark.parametrize("qtype,want", [("Q8_0", "int8"), ("Q4_0", "int8"), ("F16", "none")])
+def test_auto_keeps_a_quantized_gguf_quantized_on_cpu(qtype, want, tmp_path):
+    """`auto` (the default of LLM and the CLI): int8 for a file of quantized blocks on CPU, float
+    weights for a float file; `load_model`'s own default stays "none"."""
+    from hyprjax.formats.gguf_write import write_gguf
+
+    hf = make_hf_model(tmp_path / "m", "qwen3", vocab_size=512)
+    st = load_model(tmp_path / "m", with_tokenizer=False, progress=False)
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    path = tmp_path / f"{qtype}.gguf"
+    write_gguf(path, st.cfg, tensors, qtype=qtype)
+    auto = load_model(path, with_tokenizer=False, progress=False, quantization="auto").model
+    plain = load_model(path, with_tokenizer=False, progress=False).model
+    assert (auto.embed.embedding[...].dtype == jnp.int8) == (want == "int8")
+    assert plain.embed.embedding[...].dtype == jnp.float32

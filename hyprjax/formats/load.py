@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from ..model import Model, abstract_model, default_scan_layers
-from ..quant import check_mode, quantize_model
+from ..quant import check_mode, quantize_model, resolve_mode
 from .gguf_read import GGUFFile
 from .names import TensorSpec, tensor_table
 from .resolve import resolve_model
@@ -63,10 +63,12 @@ def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = T
                quantization: str = "none") -> LoadedModel:
     """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`;
     `scan_layers` None stacks the layers on GPU/TPU only (model.default_scan_layers);
-    `quantization` "int8" keeps the linear layers and embedding in int8 (hyprjax/quant.py)."""
-    quantization = check_mode(quantization)  # a bad value fails before the load
+    `quantization` "int8" keeps the linear layers and embedding in int8, "auto" does so for a
+    quantized GGUF on CPU (hyprjax/quant.py)."""
+    check_mode(quantization)  # a bad value fails before the load
     path = resolve_model(source)
     cfg, weights = read_config(path)
+    quantization = resolve_mode(quantization, weights)
     dtype = jnp.dtype(dtype)
     model = load_weights(cfg, weights, dtype, progress=progress, scan_layers=scan_layers)
     quantize_model(model, quantization)
