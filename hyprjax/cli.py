@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a HF model directory or a .gguf file")
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--memory", action="store_true",
+                   help="also print the parameter bytes on the device per weight mode (float32, bfloat16, int8) "
+                        "and what --quantization auto picks here")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     p = sub.add_parser("generate", help="complete a prompt and print the text")
@@ -124,7 +127,7 @@ def _load(args):
 def cmd_info(args) -> int:
     from .info import model_info
 
-    info = model_info(_model_arg(args))
+    info = model_info(_model_arg(args), memory=args.memory)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -8,10 +8,12 @@ from pathlib import Path
 from .formats.gguf_read import GGUFFile
 from .formats.load import read_config
 from .formats.resolve import resolve_model
+from .quant import device_bytes, resolve_mode
 
 
-def model_info(source: str) -> dict:
-    """Config, size, tensor types and tokenizer facts of a model, as a flat dict."""
+def model_info(source: str, memory: bool = False) -> dict:
+    """Config, size, tensor types and tokenizer facts of a model, as a flat dict; with `memory`,
+    also the parameter bytes on the device per weight mode and what `--quantization auto` picks."""
     path = resolve_model(source)
     cfg, weights = read_config(path)
     info = {"path": str(path), "format": "gguf" if isinstance(weights, GGUFFile) else "safetensors",
@@ -34,6 +36,10 @@ def model_info(source: str) -> dict:
                   "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps",
                   "tie_word_embeddings", "qk_norm", "qkv_bias", "sliding_window"):
         info[field] = getattr(cfg, field)
+    if memory:
+        for label, mode, nbytes in (("float32", "none", 4), ("bfloat16", "none", 2), ("int8", "int8", 4)):
+            info[f"device bytes {label}"] = f"{device_bytes(cfg, mode, nbytes) / 2**20:,.1f} MiB"
+        info["quantization auto"] = resolve_mode("auto", weights)
     return info
 
 

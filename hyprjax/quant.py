@@ -133,6 +133,24 @@ def _block_rows(dout: int, din: int) -> int:
     return 1
 
 
+def device_bytes(cfg, mode: str, dtype_bytes: int = 4) -> int:
+    """Parameter bytes on the device of a model of `cfg` with weights in `mode` ("none" or "int8";
+    floats of `dtype_bytes`), from the name table alone: int8 matrices take a byte per weight plus
+    a float32 scale per output channel (per token for the embedding)."""
+    from .formats.names import tensor_table
+
+    total = 0
+    for spec in tensor_table(cfg):
+        n = int(np.prod(spec.shape))
+        packed = mode == "int8" and len(spec.shape) == 2 and spec.path[-1] in ("kernel", "embedding")
+        if packed:
+            channels = spec.shape[0] if spec.path[-1] == "embedding" else spec.shape[1]  # [V, D] / [din, dout]
+            total += n + 4 * channels
+        else:
+            total += n * dtype_bytes
+    return total
+
+
 def quantize_model(model, mode: str) -> None:
     """Quantize `model`'s linear layers and embedding in place (`mode` "int8"); "none" does nothing.
 

@@ -9,6 +9,9 @@ test_model.py), and greedy tokens exactly.
 
 from __future__ import annotations
 
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,3 +129,27 @@ def test_auto_keeps_a_quantized_gguf_quantized_on_cpu(qtype, want, tmp_path):
     plain = load_model(path, with_tokenizer=False, progress=False).model
     assert (auto.embed.embedding[...].dtype == jnp.int8) == (want == "int8")
     assert plain.embed.embedding[...].dtype == jnp.float32
+
+
+def test_device_bytes_from_the_name_table_equal_the_loaded_arrays(pair):
+    """`hyprjax info --memory` counts from the name table alone; the loaded int8 model's arrays
+    (and the float32 model's, for `none`) must add up to the same bytes."""
+    from flax import nnx
+
+    from hyprjax.model import abstract_model
+
+    _, ours = pair
+    loaded = sum(x.nbytes for x in jax.tree.leaves(nnx.state(ours.model)))
+    assert quant.device_bytes(ours.cfg, "int8") == loaded
+    abstract = abstract_model(ours.cfg, jnp.float32)  # the float32 model's shapes, from the model code
+    assert quant.device_bytes(ours.cfg, "none") == sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
+
+
+def test_info_memory_prints_each_mode(tmp_path, capsys):
+    from hyprjax.cli import main
+
+    make_hf_model(tmp_path / "m", "qwen3")
+    assert main(["info", str(tmp_path / "m"), "--memory", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"device bytes float32", "device bytes bfloat16", "device bytes int8"} <= set(info)
+    assert info["quantization auto"] == "none"  # a float (SafeTensors) model stays float
