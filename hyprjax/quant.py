@@ -29,6 +29,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
 from .errors import HyprjaxError
@@ -66,6 +67,7 @@ def resolve_mode(mode: str, weights) -> str:
     return mode
 
 
+@jax.jit
 def quantize_rows(w) -> tuple[jax.Array, jax.Array]:
     """w f[..., rows, cols] -> (q i8[..., rows, cols], scale f32[..., rows]): one scale per row
     (an output channel of a transposed kernel, a token of the embedding)."""
@@ -76,12 +78,11 @@ def quantize_rows(w) -> tuple[jax.Array, jax.Array]:
     return q, scale.astype(jnp.float32)
 
 
-_quantize_rows = jax.jit(quantize_rows)
-
-
+@jax.jit
 def quantize_kernel(kernel) -> tuple[jax.Array, jax.Array]:
-    """A Linear kernel f[..., din, dout] -> (q i8[..., dout, din], scale f32[..., dout])."""
-    return _quantize_rows(jnp.swapaxes(kernel, -1, -2))
+    """A Linear kernel f[..., din, dout] -> (q i8[..., dout, din], scale f32[..., dout]); one
+    program, so loading never holds a transposed float copy of the kernel."""
+    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
 
 
 def dequantize(q, scale) -> jax.Array:
@@ -161,8 +162,6 @@ def quantize_model(model, mode: str) -> None:
 
     if check_mode(mode) == "none":
         return
-    from flax import nnx
-
     linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, Linear) and node.qscale is None]
     for module in linears:
         module.quantize()

@@ -94,20 +94,20 @@ def _forward_diff(model, cfg, mesh) -> float:
     return float(jnp.max(jnp.abs(one - sharded)))
 
 
+def _layer0(state):
+    """Layer 0's weights (the CPU layout's layer-wise step, engine/step.py), or the stacked layers."""
+    return state.layer_state(0) if hasattr(state, "layer_state") else state["layers"]
+
+
 def _matrix_spec(state, module: str) -> str:
-    if hasattr(state, "layer_state"):  # the CPU layout's layer-wise step (engine/step.py)
-        layers = state.layer_state(0)
-    else:
-        layers = state["layers"]
-    kernel = layers["attn"][module]["kernel"][...]
+    kernel = _layer0(state)["attn"][module]["kernel"][...]
     spec = tuple(kernel.sharding.spec) + (None,) * (kernel.ndim - len(kernel.sharding.spec))
     spec = spec[-2:] if kernel.dtype != jnp.int8 else spec[-2:][::-1]  # int8 is stored [dout, din]
     return str(spec)
 
 
 def _scale_spec(state, module: str) -> str | None:
-    layers = state.layer_state(0) if hasattr(state, "layer_state") else state["layers"]
-    scale = layers["attn"][module].get("qscale")
+    scale = _layer0(state)["attn"][module].get("qscale")
     return None if scale is None else str(tuple(scale[...].sharding.spec)[-1:])
 
 
