@@ -15,8 +15,10 @@ os.environ.setdefault("HYPRJAX_CACHE_DIR", tempfile.mkdtemp(prefix="hyprjax-test
 import numpy as np
 import pytest
 
-from hyprjax.compile_cache import enable_compile_cache
-from tests.deps import STRICT, need
+import tests.deps  # noqa: F401  (first: it keeps the repo's kernels/ from shadowing HF's `kernels`)
+
+from hyprjax.compile_cache import enable_compile_cache  # noqa: E402
+from tests.deps import STRICT, need  # noqa: E402
 
 enable_compile_cache(False)
 

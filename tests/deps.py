@@ -10,10 +10,36 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 STRICT = os.environ.get("HYPRJAX_STRICT", "") == "1"
+
+
+def _import_past_the_repo(name: str) -> None:
+    """Import the installed package `name` with the repository root off sys.path.
+
+    transformers >= 5.2x imports Hugging Face's `kernels` package at import time, and the repo's
+    top-level `kernels/` folder (installed as `hyprjax.kernels`, DESIGN.md's layout) would shadow
+    it, since the tests and their worker processes run from the repository root. Imported first,
+    the real one is the `sys.modules` entry every later `import kernels` gets; nothing of ours
+    imports a top-level `kernels`. Every test module and worker imports this module before
+    transformers.
+    """
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass  # not installed (older transformers): nothing to shadow
+    finally:
+        sys.path[:] = saved
+
+
+_import_past_the_repo("kernels")
 INSTALL = 'pip install -e ".[test]"'
 
 

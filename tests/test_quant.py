@@ -37,12 +37,15 @@ def _np_quantize(w: np.ndarray) -> np.ndarray:
     return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32-gemm", "bf16x3-gemm"])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("dout", [96, 384])
-def test_qdot_equals_the_dequantized_matmul(rows, dout, monkeypatch):
+def test_qdot_equals_the_dequantized_matmul(rows, dout, bf16, monkeypatch):
     """One row (the fused convert-and-dot) and several (the blocked scan; 384 rows of 64 make 4
-    blocks of 96 at the patched block size)."""
+    blocks of 96 at the patched block size), with the blocks' GEMM in float32 or as three
+    bfloat16 terms (the AMX path; XLA computes bf16 dots on any CPU, so both run everywhere)."""
     monkeypatch.setattr(quant, "BLOCK_WEIGHTS", 96 * 64)
+    monkeypatch.setattr(quant, "bf16_gemm", lambda: bf16)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((dout, 64)).astype(np.float32)
     x = rng.standard_normal((rows, 64)).astype(np.float32)
@@ -50,6 +53,20 @@ def test_qdot_equals_the_dequantized_matmul(rows, dout, monkeypatch):
     np.testing.assert_allclose(np.asarray(quant.dequantize(q, scale)), _np_quantize(w), rtol=1e-6)  # scales to 1 ulp
     want = x @ _np_quantize(w).T
     np.testing.assert_allclose(np.asarray(quant.qdot(jnp.asarray(x), q, scale)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_terms_sum_to_x():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 50)) * 1e3, jnp.float32)
+    terms = quant._bf16_terms(x).astype(jnp.float32).reshape(quant.SPLIT_TERMS, 3, 50)
+    np.testing.assert_allclose(np.asarray(terms[2] + terms[1] + terms[0]), np.asarray(x), rtol=2e-7)
+
+
+def test_bf16_gemm_can_be_forced(monkeypatch):
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("HYPRJAX_BF16_GEMM", value)
+        quant.bf16_gemm.cache_clear()
+        assert quant.bf16_gemm() is want
+    quant.bf16_gemm.cache_clear()
 
 
 def test_block_rows_divide_the_output():
