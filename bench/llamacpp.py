@@ -144,6 +144,20 @@ def run_llamacpp(gguf_path: str, n_prompt: int = 512, n_gen: int = 128, threads:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def llamacpp_tokenize(gguf_path: str, texts: list[str], *, backend: str = "auto", timeout: float = 600.0) -> list[list[int]]:
+    """llama.cpp's token ids for each of `texts` (no BOS, special tokens not parsed), in a subprocess."""
+    name = available_backend(backend)
+    if name is None:
+        raise LlamaCppError(f"llama.cpp ({backend}) is not installed: pip install xllamacpp")
+    args = dict(path=str(gguf_path), texts=list(texts), backend=name, tokenize=True)
+    p = subprocess.run([sys.executable, __file__, "--worker"], input=json.dumps(args), text=True,
+                       capture_output=True, timeout=timeout)
+    if p.returncode != 0:
+        raise LlamaCppError(f"llama.cpp ({name}) tokenizing with {gguf_path}: exit status {p.returncode}\n"
+                            f"{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])["tokens"]
+
+
 # ---- llama-server from source ----------------------------------------------------------------
 
 # Only what llama-server needs, nothing fetched at build time (the web UI would be downloaded).
@@ -222,8 +236,36 @@ def _run(cmd: list[str], log_path: Path, progress: bool = False) -> None:
 # ---- child process ---------------------------------------------------------------------------
 
 def _worker(a: dict) -> dict:
+    if a.get("tokenize"):
+        return _tokenize_llama_cpp_python(a) if a["backend"] == "llama-cpp-python" else _tokenize_xllamacpp(a)
     run = _run_llama_cpp_python if a["backend"] == "llama-cpp-python" else _run_xllamacpp
     return run(a)
+
+
+def _tokenize_llama_cpp_python(a: dict) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(a["path"], vocab_only=True, verbose=False)
+    return dict(tokens=[llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in a["texts"]])
+
+
+def _tokenize_xllamacpp(a: dict) -> dict:
+    import urllib.request
+
+    import xllamacpp as xlc
+
+    p = xlc.CommonParams()
+    p.model.path = a["path"]
+    p.n_ctx = 256
+    p.hostnames, p.port = ["127.0.0.1"], 0
+    server = xlc.Server(p)
+    out = []
+    for text in a["texts"]:
+        body = json.dumps(dict(content=text, add_special=False, parse_special=False)).encode()
+        req = urllib.request.Request(server.listening_address + "/tokenize", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as f:
+            out.append(json.loads(f.read())["tokens"])
+    return dict(tokens=out)
 
 
 def _run_llama_cpp_python(a: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The `hyprjax` command: info, generate, chat.
+"""The `hyprjax` command: info, generate, chat, serve, models, pull.
 
 Bad input (files, configs, flags, prompts) ends with one line on stderr and exit code 2, never
 a traceback; `--debug` shows the traceback for bug reports.
@@ -20,8 +20,9 @@ EXIT_USAGE = 2
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="a HF model directory, a .gguf file, or a hub id "
-                   "(org/name or org/name:file.gguf; needs a network)")
+    p.add_argument("model", nargs="?", help="a HF model directory, a .gguf file, a model known by name "
+                   "(hyprjax models), or a hub id (org/name or org/name:file.gguf; needs a network); "
+                   "default: smollm2-135m-instruct")
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(p)
 
+    p = sub.add_parser("models", help="list the models hyprjax knows by name and whether they are on disk")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+    p = sub.add_parser("pull", help="fetch a model known by name into the cache (verified by sha256)")
+    p.add_argument("name", help="a name from `hyprjax models`")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
     p = sub.add_parser("chat", help="interactive chat in the terminal, streamed (/reset, /exit)")
     _add_model_args(p)
     p.add_argument("--system", default=None, help="a system message to start the conversation")
@@ -113,6 +122,21 @@ def _model_arg(args) -> str:
     from .default_model import default_model_path
 
     return str(default_model_path())
+
+
+def served_name(model_arg: str, path) -> str:
+    """The model name the server answers to: a catalog name or Ollama's NAME:TAG as given, else
+    the file's stem or the directory's name."""
+    from .default_model import NAMES, SMOLLM2
+    from .formats.ollama import PREFIX, served_name as ollama_name
+
+    if model_arg in NAMES:
+        return model_arg
+    if str(path) == str(SMOLLM2.cached):  # the default, given by no argument
+        return SMOLLM2.name
+    if model_arg.startswith(PREFIX):
+        return ollama_name(model_arg)
+    return path.stem if path.is_file() else path.name
 
 
 def _load(args):
@@ -233,7 +257,7 @@ def cmd_serve(args) -> int:
                         kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank)
-    names = args.served_model_name or [loaded.path.stem if loaded.path.is_file() else loaded.path.name]
+    names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
     clash = [n for n, _ in args.lora if n in names]
     if clash:
         raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
@@ -265,9 +289,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from .default_model import DEFAULT, list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        mark = " (default)" if r["name"] == DEFAULT else ""
+        where = r["path"] or f"not on disk: {r['fetch']}"
+        print(f"{r['name']}{mark}\n  {r['about']}\n  {where}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .default_model import named_model_path
+
+    print(named_model_path(args.name))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command]
+    handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+               "models": cmd_models, "pull": cmd_pull}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

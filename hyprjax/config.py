@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass, read from HF `config.json` or GGUF metadata.
 
-Qwen3, Qwen2/2.5 and Gemma 3 (text) run through one model with explicit flags (`qk_norm`,
+Qwen3, Qwen2/2.5, Gemma 3 (text) and Llama (2, 3.x, SmolLM, TinyLlama) run through one model with explicit flags (`qk_norm`,
 `qkv_bias`, ...) rather than subclasses; `arch` only picks the defaults for those flags.
 Gemma's HF norms scale by (1 + w); llama.cpp's converter folds the 1 into the GGUF weights, and
 our SafeTensors loader folds it the same way, so the model has a single plain RMSNorm.
@@ -15,23 +15,33 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-ARCHITECTURES = ("qwen3", "qwen2", "gemma3")
+ARCHITECTURES = ("qwen3", "qwen2", "gemma3", "llama")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """Extension of RoPE beyond the trained context (HF `rope_scaling`)."""
 
-    kind: str  # "linear" | "yarn"
+    kind: str  # "linear" | "yarn" | "llama3" | "factors"
     factor: float
     original_max_position_embeddings: int | None = None  # yarn: the trained context
     beta_fast: float = 32.0  # yarn: high-frequency boundary (in rotations)
     beta_slow: float = 1.0  # yarn: low-frequency boundary
     attention_factor: float | None = None  # yarn: logit scale; default 0.1*ln(factor)+1
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    freq_factors: tuple[float, ...] = ()  # "factors": each inverse frequency divided by its entry
+    # (a GGUF's `rope_freqs.weight`, which llama.cpp's converter writes for Llama 3.x)
 
     def __post_init__(self):
-        if self.kind not in ("linear", "yarn"):
-            raise ConfigError(f"rope_scaling type {self.kind!r} is not supported (linear, yarn)")
+        if self.kind not in ("linear", "yarn", "llama3", "factors"):
+            raise ConfigError(f"rope_scaling type {self.kind!r} is not supported (linear, yarn, llama3)")
+        if self.kind == "factors" and not all(f > 0 and math.isfinite(f) for f in self.freq_factors or (0,)):
+            raise ConfigError("rope frequency factors must be positive and finite")
+        if self.kind == "llama3" and not (self.original_max_position_embeddings
+                                          and self.high_freq_factor > self.low_freq_factor > 0):
+            raise ConfigError("llama3 rope_scaling needs original_max_position_embeddings and "
+                              "high_freq_factor > low_freq_factor > 0")
         if not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise ConfigError(f"rope_scaling factor must be >= 1, got {self.factor}")
         if self.kind == "yarn" and not self.original_max_position_embeddings:
@@ -42,7 +52,7 @@ class RopeScaling:
 class ModelConfig:
     """Shape and numerics of a decoder-only model. Every field is validated on creation."""
 
-    arch: str  # "qwen3" | "qwen2" | "gemma3": the family, for defaults and file names
+    arch: str  # "qwen3" | "qwen2" | "gemma3" | "llama": the family, for defaults and file names
     vocab_size: int  # V
     hidden_size: int  # D
     intermediate_size: int  # F
@@ -119,15 +129,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """From a HF `config.json` dict (Qwen3ForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM)."""
+        """From a HF `config.json` dict (Qwen3ForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM,
+        LlamaForCausalLM)."""
         if "text_config" in cfg and cfg.get("model_type") == "gemma3":
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
         model_type = cfg.get("model_type")
-        arch = {"qwen3": "qwen3", "qwen2": "qwen2", "gemma3_text": "gemma3"}.get(model_type)
+        arch = {"qwen3": "qwen3", "qwen2": "qwen2", "gemma3_text": "gemma3", "llama": "llama"}.get(model_type)
         if arch is None:
             archs = cfg.get("architectures")
             raise ConfigError(f"model_type {model_type!r} (architectures {archs}) is not supported; "
-                              "supported: qwen3, qwen2, gemma3_text")
+                              "supported: qwen3, qwen2, gemma3_text, llama")
 
         def need(key):
             if key not in cfg:
@@ -159,6 +170,13 @@ class ModelConfig:
         if arch == "qwen2":
             return cls(**common, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                        qk_norm=False, qkv_bias=True)
+        if arch == "llama":
+            if cfg.get("mlp_bias"):
+                raise ConfigError("llama with mlp_bias=true is not supported (no bias on the MLP projections)")
+            if cfg.get("hidden_act", "silu") != "silu":
+                raise ConfigError(f"llama with hidden_act={cfg['hidden_act']!r} is not supported (silu)")
+            return cls(**common, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                       qk_norm=False, qkv_bias=bool(cfg.get("attention_bias", False)))
         n = common["num_layers"]
         layer_types = cfg.get("layer_types")
         if not layer_types:
@@ -177,7 +195,7 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any], *, vocab_size: int, tied: bool) -> "ModelConfig":
-        """From GGUF key/value metadata (`general.architecture` = qwen3 | qwen2 | gemma3).
+        """From GGUF key/value metadata (`general.architecture` = qwen3 | qwen2 | gemma3 | llama).
 
         `vocab_size` and `tied` come from the tensors (token_embd rows; no `output.weight`).
         """
@@ -203,11 +221,16 @@ class ModelConfig:
         if stype and stype != "none" and float(get("rope.scaling.factor", 1.0)) > 1.0:
             scaling = RopeScaling(kind=stype, factor=float(get("rope.scaling.factor")),
                                   original_max_position_embeddings=get("rope.scaling.original_context_length"))
+        rot = get("rope.dimension_count")
+        head_dim = int(get("attention.key_length", d // heads))
+        if rot is not None and int(rot) != head_dim:
+            raise ConfigError(f"GGUF {arch}.rope.dimension_count = {rot} rotates part of a {head_dim}-wide head: "
+                              "partial rotary embeddings are not supported")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         common = dict(
             arch=arch, vocab_size=vocab_size, hidden_size=d,
             intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
-            num_heads=heads, num_kv_heads=kv, head_dim=int(get("attention.key_length", d // heads)),
+            num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
             rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(get("context_length", 32768)),
@@ -219,6 +242,8 @@ class ModelConfig:
             return cls(**common, qk_norm=True, qkv_bias=False)
         if arch == "qwen2":
             return cls(**common, qk_norm=False, qkv_bias=True)
+        if arch == "llama":
+            return cls(**common, qk_norm=False, qkv_bias=False)
         n = common["num_layers"]
         window = get("attention.sliding_window")
         pattern = get("attention.sliding_window_pattern")
@@ -254,7 +279,9 @@ def _rope_scaling_from_hf(cfg: Mapping[str, Any]) -> RopeScaling | None:
                        original_max_position_embeddings=rs.get("original_max_position_embeddings"),
                        beta_fast=float(rs.get("beta_fast") or 32.0),
                        beta_slow=float(rs.get("beta_slow") or 1.0),
-                       attention_factor=rs.get("attention_factor"))
+                       attention_factor=rs.get("attention_factor"),
+                       low_freq_factor=float(rs.get("low_freq_factor") or 1.0),
+                       high_freq_factor=float(rs.get("high_freq_factor") or 4.0))
 
 
 def _qwen3(vocab, d, f, layers, heads, kv, tied, ctx=40960):

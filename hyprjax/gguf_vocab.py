@@ -42,6 +42,8 @@ _SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _Q
            "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
            "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT}
 _GPT2_PRE = ("default", "gpt-2", "gpt2")
+# SmolLM (llama.cpp's SMOLLM pre-type): every digit its own pre-token, then GPT-2's regex.
+_DIGITS_THEN_GPT2 = ("smollm",)
 # Llama 3's tokenizer.json and llama.cpp both take a pre-token whole when it is in the vocabulary.
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx"}
 # Gemma files: whitespace-run tokens stored as real spaces, and merges ranked by vocabulary order.
@@ -82,15 +84,19 @@ def _byte_level(meta, tokens, types) -> tuple[Backend, list[bool]]:
             tok = "".join(spell[b] for b in tok.encode("utf-8"))
         vocab[tok] = i  # a repeated token keeps its last id, as in llama.cpp and transformers
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _SPLITS and pre not in _GPT2_PRE:
+    if pre not in _SPLITS and pre not in _GPT2_PRE and pre not in _DIGITS_THEN_GPT2:
         raise HyprjaxError(f"GGUF tokenizer.ggml.pre = {pre!r} is not supported "
-                           f"(supported: {sorted(_SPLITS) + list(_GPT2_PRE)})")
+                           f"(supported: {sorted(_SPLITS) + list(_GPT2_PRE) + list(_DIGITS_THEN_GPT2)})")
     backend = Backend(_bpe(vocab, _merges(meta) or [], fuse_unk=False, byte_fallback=False,
                            ignore_merges=pre in _IGNORE_MERGES))
     if pre in _SPLITS:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _DIGITS_THEN_GPT2:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _SPLITS.get(pre) is _QWEN2_SPLIT:

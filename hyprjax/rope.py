@@ -3,7 +3,8 @@
 Frequencies are computed once on the host in float64 (as numpy constants) so the jitted step
 only does the sin/cos of `positions * inv_freq`, once per layer (`rope_tables`). Scaling follows
 HF's `rope_scaling`: `linear` divides positions by the factor; `yarn` blends interpolated and
-extrapolated frequencies by a ramp over dimensions and scales cos/sin by the attention factor.
+extrapolated frequencies by a ramp over dimensions and scales cos/sin by the attention factor;
+`llama3` (and a GGUF's `rope_freqs.weight`, kind `factors`) divides each frequency by its own factor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import RopeScaling
+from .errors import ConfigError
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
@@ -26,6 +28,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
         return inv_freq.astype(np.float32), 1.0
     if scaling.kind == "linear":
         return (inv_freq / scaling.factor).astype(np.float32), 1.0
+    if scaling.kind in ("llama3", "factors"):
+        factors = llama3_factors(head_dim, theta, scaling) if scaling.kind == "llama3" else scaling.freq_factors
+        if len(factors) != head_dim // 2:
+            raise ConfigError(f"{len(factors)} rope frequency factors for a {head_dim}-wide head "
+                              f"(need {head_dim // 2})")
+        return (inv_freq / np.asarray(factors, np.float64)).astype(np.float32), 1.0
     # yarn
     factor = scaling.factor
     original = scaling.original_max_position_embeddings or max_position_embeddings
@@ -44,6 +52,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None,
     extrapolation = 1.0 - ramp  # 1 where frequencies are kept as trained (high frequency)
     inv = (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
     return inv.astype(np.float32), float(attention)
+
+
+def llama3_factors(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[float, ...]:
+    """Llama 3.1's frequency-dependent scaling as one divisor per inverse frequency (the form
+    llama.cpp's converter stores as `rope_freqs.weight`): high frequencies (wavelength below
+    original / high_freq_factor) are kept, low ones (above original / low_freq_factor) divided by
+    `factor`, and the band between blends the two smoothly."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    original = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = 1.0 / ((1 - smooth) / scaling.factor + smooth)
+    factors = np.where(wavelen < original / scaling.high_freq_factor, 1.0,
+                       np.where(wavelen > original / scaling.low_freq_factor, scaling.factor, blended))
+    return tuple(float(f) for f in factors)
 
 
 def rope_tables(positions, inv_freq, scale=1.0):

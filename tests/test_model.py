@@ -1,4 +1,4 @@
-"""Our model against transformers' Qwen3/Qwen2 on tiny random checkpoints (float32, atol 1e-4)."""
+"""Our model against transformers' Qwen3/Qwen2/Llama on tiny random checkpoints (float32, atol 1e-4)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +23,11 @@ SHAPES = {
     "qwen3-linear-rope": ("qwen3", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen2-tied-mha": ("qwen2", dict(num_key_value_heads=4)),
     "qwen2-untied-gqa4": ("qwen2", dict(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=2)),
+    # SmolLM2's shape in small: tied, GQA 3, no biases; and Llama 3.1's frequency-dependent RoPE
+    "llama-tied-gqa3": ("llama", dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)),
+    "llama3-rope-untied": ("llama", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
 }
 
 PROMPTS = [[5, 17, 33, 2, 250, 9, 11], [300, 4, 4, 4, 18, 99, 123, 7, 64, 31, 12, 8, 200, 150, 3, 90, 21],

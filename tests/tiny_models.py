@@ -11,7 +11,7 @@ transformers = need("transformers")
 
 
 def make_hf_model(out_dir, arch: str = "qwen3", seed: int = 0, **overrides):
-    """A random transformers model of `arch` (qwen3 | qwen2 | gemma3), saved as SafeTensors in out_dir."""
+    """A random transformers model of `arch` (qwen3 | qwen2 | gemma3 | llama), saved as SafeTensors in out_dir."""
     torch.manual_seed(seed)
     base = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -24,6 +24,10 @@ def make_hf_model(out_dir, arch: str = "qwen3", seed: int = 0, **overrides):
         base.update(rope_theta=10000.0)
         cfg = transformers.Qwen2Config(**{**base, **overrides})
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "llama":
+        base.update(rope_theta=10000.0)
+        cfg = transformers.LlamaConfig(**{**base, **overrides})
+        model = transformers.LlamaForCausalLM(cfg)
     elif arch == "gemma3":
         base.update(head_dim=32, sliding_window=8, query_pre_attn_scalar=32, rope_theta=10000.0)
         cfg = transformers.Gemma3TextConfig(**{**base, **overrides})

