@@ -263,7 +263,8 @@ def cmd_serve(args) -> int:
         raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
     front = AsyncEngine(None, names[0], tokenizer=loaded.tokenizer)
     app = create_app(front, api_key=args.api_key, served_model_names=names, lora_paths=[p for _, p in args.lora],
-                     lora_dir=args.lora_dir)
+                     lora_dir=args.lora_dir, enable_adapter_admin=args.enable_adapter_admin,
+                     public_metrics=args.public_metrics, max_request_bytes=args.max_request_bytes)
 
     def build():  # compile the step buckets while /health answers 503
         try:

@@ -203,39 +203,58 @@ class ModelConfig:
         if arch not in ARCHITECTURES:
             raise ConfigError(f"GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})")
 
-        def need(key):
+        def number(full, value, kind):
+            """`value` of metadata key `full` as `kind`: a one-line error for text, lists, NaN or overflow."""
+            if isinstance(value, (list, tuple)) and value and full.endswith("head_count_kv"):
+                value = value[0]  # per-layer counts: the first layer's
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"GGUF metadata {full} must be a number, got {str(value)[:60]!r}")
+            if kind is int and value != int(value):
+                raise ConfigError(f"GGUF metadata {full} must be an integer, got {value!r}")
+            return kind(value)
+
+        def need(key, kind=int):
             full = f"{arch}.{key}"
             if full not in meta:
                 raise ConfigError(f"GGUF metadata has no {full!r}")
-            return meta[full]
+            return number(full, meta[full], kind)
 
-        def get(key, default=None):
-            return meta.get(f"{arch}.{key}", default)
+        def get(key, default=None, kind=None):
+            value = meta.get(f"{arch}.{key}", default)
+            return value if kind is None or value is None else number(f"{arch}.{key}", value, kind)
 
-        heads = int(need("attention.head_count"))
-        kv = get("attention.head_count_kv", heads)
-        kv = int(kv[0] if isinstance(kv, (list, tuple)) else kv)
-        d = int(need("embedding_length"))
+        def token(key):
+            value = meta.get(f"tokenizer.ggml.{key}_token_id")
+            return None if value is None else number(f"tokenizer.ggml.{key}_token_id", value, int)
+
+        heads = need("attention.head_count")
+        if heads <= 0:
+            raise ConfigError(f"GGUF metadata {arch}.attention.head_count must be positive, got {heads}")
+        kv = get("attention.head_count_kv", heads, int)
+        d = need("embedding_length")
         scaling = None
         stype = get("rope.scaling.type")
-        if stype and stype != "none" and float(get("rope.scaling.factor", 1.0)) > 1.0:
-            scaling = RopeScaling(kind=stype, factor=float(get("rope.scaling.factor")),
-                                  original_max_position_embeddings=get("rope.scaling.original_context_length"))
-        rot = get("rope.dimension_count")
-        head_dim = int(get("attention.key_length", d // heads))
-        if rot is not None and int(rot) != head_dim:
+        if stype and stype != "none" and get("rope.scaling.factor", 1.0, float) > 1.0:
+            if not isinstance(stype, str):
+                raise ConfigError(f"GGUF metadata {arch}.rope.scaling.type must be text, got {stype!r}")
+            scaling = RopeScaling(kind=stype, factor=get("rope.scaling.factor", kind=float),
+                                  original_max_position_embeddings=get("rope.scaling.original_context_length",
+                                                                       kind=int))
+        rot = get("rope.dimension_count", kind=int)
+        head_dim = get("attention.key_length", d // heads, int)
+        if rot is not None and rot != head_dim:
             raise ConfigError(f"GGUF {arch}.rope.dimension_count = {rot} rotates part of a {head_dim}-wide head: "
                               "partial rotary embeddings are not supported")
-        eos = meta.get("tokenizer.ggml.eos_token_id")
+        eos = token("eos")
         common = dict(
             arch=arch, vocab_size=vocab_size, hidden_size=d,
-            intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
+            intermediate_size=need("feed_forward_length"), num_layers=need("block_count"),
             num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            max_position_embeddings=int(get("context_length", 32768)),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (int(eos),),
+            rope_theta=get("rope.freq_base", 10000.0, float), rope_scaling=scaling,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6, float),
+            max_position_embeddings=get("context_length", 32768, int),
+            bos_token_id=token("bos"),
+            eos_token_ids=() if eos is None else (eos,),
             tie_word_embeddings=tied,
         )
         if arch == "qwen3":
@@ -245,19 +264,21 @@ class ModelConfig:
         if arch == "llama":
             return cls(**common, qk_norm=False, qkv_bias=False)
         n = common["num_layers"]
-        window = get("attention.sliding_window")
+        window = get("attention.sliding_window", kind=int)
         pattern = get("attention.sliding_window_pattern")
         if isinstance(pattern, (list, tuple)):  # newer converters: per-layer bools
             layer_types = tuple("sliding" if p else "full" for p in pattern)
         else:  # llama.cpp's default for gemma3: every 6th layer is global
-            period = int(pattern or 6)
+            period = get("attention.sliding_window_pattern", 6, int) or 6
+            if period <= 0:
+                raise ConfigError(f"GGUF metadata {arch}.attention.sliding_window_pattern must be positive")
             layer_types = tuple("full" if (i + 1) % period == 0 else "sliding" for i in range(n))
         return cls(**common, embed_scale=True, sandwich_norm=True, qk_norm=True,
                    activation="gelu_tanh", query_pre_attn_scalar=float(common["head_dim"]),
                    sliding_window=int(window) if window else None, layer_types=layer_types,
                    rope_local_theta=10000.0,
-                   final_logit_softcap=get("final_logit_softcapping"),
-                   attn_logit_softcap=get("attn_logit_softcapping"))
+                   final_logit_softcap=get("final_logit_softcapping", kind=float),
+                   attn_logit_softcap=get("attn_logit_softcapping", kind=float))
 
 
 def _rope_params(cfg: Mapping[str, Any], layer_type: str = "full_attention") -> dict:

@@ -16,22 +16,25 @@ import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 
 from . import responses as R
 from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, Engine, EngineDeadError, EngineError,
                          HyprjaxError, LoraRequest, PromptTooLongError, QueueFullError, check_allowed)
 from .errors import (APIError, adapter_not_found, bad_request, forbidden, internal_error, model_not_found,
-                     overloaded, unauthorized)
+                     overloaded, too_large, unauthorized)
 from .metrics import ServerMetrics
+from .openapi import openapi_schema
 from .protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, parse_chat, parse_completion, \
     params_for
 from .streams import ChoiceStreams
@@ -39,31 +42,57 @@ from .streams import ChoiceStreams
 logger = logging.getLogger("hyprjax.serve")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, served_model_names: list[str] | None = None,
-               lora_paths: list[str] | None = None, lora_dir: str | None = None) -> Starlette:
-    """A Starlette app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer KEY`.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # a 128k-token prompt as text is ~0.5 MB; JSON token ids ~1 MB
 
-    Runtime adapter loads may name only `lora_paths` (the --lora paths) or paths inside `lora_dir`.
+
+def create_app(engine: Engine, *, api_key: str | None = None, served_model_names: list[str] | None = None,
+               lora_paths: list[str] | None = None, lora_dir: str | None = None, enable_adapter_admin: bool = False,
+               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Starlette:
+    """A Starlette app serving `engine`; with `api_key`, /v1 routes (and /metrics, unless
+    `public_metrics`) need `Authorization: Bearer KEY`.
+
+    The adapter admin routes (load/unload) answer 403 unless `enable_adapter_admin` (vLLM keeps
+    them off by default too); loads may name only `lora_paths` (the --lora paths) or paths
+    inside `lora_dir`. A request body over `max_request_bytes` gets 413.
     """
     server = _Server(engine, api_key, served_model_names or [engine.model_name], list(lora_paths or []), lora_dir)
+    server.enable_adapter_admin, server.public_metrics = enable_adapter_admin, public_metrics
+    server.max_request_bytes = max_request_bytes
     routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
               Route("/v1/completions", server.completions, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),
               Route("/v1/load_lora_adapter", server.load_lora_adapter, methods=["POST"]),
               Route("/v1/unload_lora_adapter", server.unload_lora_adapter, methods=["POST"]),
               Route("/health", server.health, methods=["GET"]),
-              Route("/metrics", server.metrics_endpoint, methods=["GET"])]
+              Route("/metrics", server.metrics_endpoint, methods=["GET"]),
+              Route("/openapi.json", _openapi, methods=["GET"]),
+              Route("/", _chat_page, methods=["GET"]),
+              Mount("/static", StaticFiles(directory=WEB_DIR), name="static")]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.metrics = server.metrics
     return app
+
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+async def _openapi(request: Request) -> Response:
+    """The server's OpenAPI 3 description (serve/openapi.py)."""
+    return JSONResponse(openapi_schema())
+
+
+async def _chat_page(request: Request) -> Response:
+    """The web chat page (serve/web: static files, no build step). It holds no secret: with
+    --api-key it asks the user for the key and sends it on its /v1 calls."""
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
 
 class ModelNames:
     """The names requests may ask for: the base model's, and the engine's LoRA adapters.
 
     Adapters are read from the engine on each call (`adapters()`: name -> path), so hot loads
-    and unloads show at once; each is listed in /v1/models with its path as "root" and the base
-    model as "parent", and accepted as `model` (vLLM's convention).
+    and unloads show at once; each is listed in /v1/models with its name as "root" (never its
+    path) and the base model as "parent", and accepted as `model` (vLLM's convention).
     """
 
     def __init__(self, names: list[str], root: str, max_model_len: int, adapters=lambda: {}):
@@ -86,8 +115,9 @@ class ModelNames:
             return {"id": name, "object": "model", "created": self.created, "owned_by": "hyprjax",
                     "root": root, "parent": parent, "max_model_len": self.max_model_len}
 
+        # An adapter's root is its name: its path on the server's disk is nobody else's business.
         return [card(n, self.root, None) for n in self.names] + [
-            card(n, path, self.names[0]) for n, path in sorted(self.adapters().items())]
+            card(n, n, self.names[0]) for n in sorted(self.adapters())]
 
 
 class _Server:
@@ -149,7 +179,10 @@ class _Server:
         try:
             if not self._authorized(request):
                 raise unauthorized()
-            return await handle(await _json_body(request))
+            if not self.enable_adapter_admin:
+                raise forbidden(f"{request.url.path} is off: start the server with --enable-adapter-admin to load "
+                                "and unload adapters at runtime")
+            return await handle(await _json_body(request, self.max_request_bytes))
         except APIError as e:
             return e.response()
         except AdapterNotFoundError as e:
@@ -173,6 +206,8 @@ class _Server:
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if not self.public_metrics and not self._authorized(request):
+            return unauthorized().response()
         body, content_type = self.metrics.render()
         return Response(body, headers={"Content-Type": content_type})
 
@@ -182,7 +217,7 @@ class _Server:
         try:
             if not self._authorized(request):
                 raise unauthorized()
-            body = await _json_body(request)
+            body = await _json_body(request, self.max_request_bytes)
             return await _unless_disconnected(request, self._generate(kind, body, arrival))
         except APIError as e:
             return e.response()
@@ -354,8 +389,18 @@ def _required_str(body: dict, name: str) -> str:
     return value
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(request: Request, limit: int) -> dict:
+    """The JSON object of the body, read up to `limit` bytes (413 past it, before parsing)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit, exact=False)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except ValueError as e:

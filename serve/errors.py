@@ -37,6 +37,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def too_large(size: int, limit: int, *, exact: bool = True) -> APIError:
+    """413 for a body over the server's limit (`size`: its declared length, or what was read when
+    the read stopped)."""
+    seen = f"{size:,} bytes" if exact else f"more than {limit:,} bytes"
+    return APIError(413, f"The request body is {seen}, over this server's limit of {limit:,} "
+                         "(hyprjax serve --max-request-bytes)", "invalid_request_error", None, "request_too_large")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found")
 

@@ -102,7 +102,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every interface)")
     http.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     http.add_argument("--api-key", default=None, metavar="KEY",
-                      help="require 'Authorization: Bearer KEY' on /v1 routes (/health and /metrics stay open)")
+                      help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics (/health and the "
+                           "chat page's static files stay open)")
+    http.add_argument("--public-metrics", action="store_true",
+                      help="serve /metrics without the API key (default: with --api-key, /metrics needs it too)")
+    http.add_argument("--max-request-bytes", type=parse_bytes, default=16 << 20, metavar="SIZE",
+                      help="largest request body accepted; larger ones get 413 (default 16MiB)")
     http.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                       help="the name clients pass as 'model' (repeatable; the first is reported in answers); "
                            "default: the model's own name")
@@ -139,8 +144,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
                       help="serve a LoRA adapter (a PEFT directory or a llama.cpp LoRA .gguf) under NAME; "
                            "repeatable. Requests pick it with model=NAME or lora_adapters")
+    lora.add_argument("--enable-adapter-admin", action="store_true",
+                      help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, "
+                           "as in vLLM: they read files on the server; put them behind --api-key)")
     lora.add_argument("--lora-dir", default=None, metavar="DIR",
-                      help="adapters under DIR may be loaded at run time (POST /v1/load_lora_adapter); "
+                      help="with --enable-adapter-admin, adapters under DIR may be loaded at run time; "
                            "without it only the --lora paths may be")
     lora.add_argument("--max-loras", type=int, default=None, metavar="N",
                       help="adapters (or merged mixes) on the device at once, each in its own slot; more are "

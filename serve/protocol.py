@@ -19,6 +19,9 @@ from hyprjax.sampling import SamplingParams
 from .errors import bad_request
 
 MAX_N = 128  # choices per request (OpenAI's own limit)
+MAX_PROMPTS = 128  # prompts in one /v1/completions request, and prompts x n sequences at most
+MAX_STOP = 16  # stop strings per request (OpenAI takes 4)
+MAX_STOP_CHARS = 1000  # characters per stop string
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions; chat fills the context
@@ -114,7 +117,14 @@ def parse_completion(body: dict) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS_COMPLETION:
         raise bad_request(f"'logprobs' must be in [0, {MAX_LOGPROBS_COMPLETION}], got {logprobs}", param="logprobs")
     options = _options(body, get(body, "max_tokens", "int"), "max_tokens", logprobs=logprobs)
-    return CompletionRequest(options, _prompts(body["prompt"]))
+    prompts = _prompts(body["prompt"])
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} are allowed per request",
+                          param="prompt")
+    if len(prompts) * options.n > MAX_PROMPTS:
+        raise bad_request(f"{len(prompts)} prompts x n={options.n} = {len(prompts) * options.n} sequences; at most "
+                          f"{MAX_PROMPTS} are allowed per request", param="n")
+    return CompletionRequest(options, prompts)
 
 
 def params_for(options: Options, prompt_len: int, max_model_len: int, *, default_max_tokens: int | None,
@@ -253,10 +263,16 @@ def _stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise bad_request(f"'stop' must be a string or an array of strings, got {_show(value)}", param="stop")
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise bad_request(f"'stop' must be a string or an array of strings, got {_show(value)}", param="stop")
+    if len(value) > MAX_STOP:
+        raise bad_request(f"'stop' has {len(value)} strings; at most {MAX_STOP} are allowed", param="stop")
+    longest = max((len(s) for s in value), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad_request(f"a 'stop' string has {longest} characters; at most {MAX_STOP_CHARS} are allowed",
+                          param="stop")
+    return tuple(value)
 
 
 def _messages(value: Any) -> list[dict]:

@@ -12,6 +12,7 @@ while loading stays near the final parameter bytes plus one tensor.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -50,7 +51,7 @@ class GGUFFile:
                     self.metadata, infos, end = _parse_header(buf, self.path)
             except ModelFileError:
                 raise
-            except (struct.error, ValueError, IndexError) as e:
+            except (struct.error, ValueError, IndexError, OverflowError, MemoryError) as e:
                 raise ModelFileError(f"{self.path}: truncated or corrupt GGUF header ({e})") from None
         align = self.metadata.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
@@ -67,7 +68,7 @@ class GGUFFile:
             if dims[0] % block:
                 raise ModelFileError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of "
                                      f"{qtype.name}'s block of {block}")
-            n_bytes = int(np.prod(dims)) // block * type_size
+            n_bytes = math.prod(dims) // block * type_size  # Python ints: a huge count cannot wrap around
             start = base + offset
             if start + n_bytes > size:
                 raise ModelFileError(f"{self.path}: truncated: tensor {name!r} ends at byte {start + n_bytes}, "
@@ -124,6 +125,8 @@ class _TensorInfo(NamedTuple):
     n_bytes: int
 
 
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays in metadata (real files use one level)
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
@@ -133,6 +136,10 @@ def _parse_header(buf, path) -> tuple[dict[str, Any], list[tuple], int]:
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    for what, count, least in (("tensor", n_tensors, 8 + 4 + 8 + 12), ("metadata key", n_kv, 8 + 4)):
+        if count * least > len(buf):  # every entry takes at least `least` bytes
+            raise ModelFileError(f"{path}: truncated or corrupt GGUF header (a {what} count of {count:,} cannot "
+                                 f"fit in a file of {len(buf):,} bytes)")
     pos, meta = 24, {}
     for _ in range(n_kv):
         key, pos = _read_str(buf, pos)
@@ -145,7 +152,11 @@ def _parse_header(buf, path) -> tuple[dict[str, Any], list[tuple], int]:
     for _ in range(n_tensors):
         name, pos = _read_str(buf, pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ModelFileError(f"{path}: tensor {name!r} has n_dims={n_dims} (GGUF tensors have 1 to {MAX_DIMS})")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        if 0 in dims:
+            raise ModelFileError(f"{path}: tensor {name!r} has a dimension of 0 ({list(dims)})")
         type_id, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         infos.append((name, dims, type_id, offset))
@@ -160,7 +171,7 @@ def _read_str(buf, pos: int) -> tuple[str, int]:
     return buf[pos + 8:end].decode("utf-8"), end
 
 
-def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
+def _read_value(buf, pos: int, vtype: int, depth: int = 0) -> tuple[Any, int]:
     if vtype in _SCALAR:
         (value,) = struct.unpack_from(_SCALAR[vtype], buf, pos)
         return value, pos + struct.calcsize(_SCALAR[vtype])
@@ -170,6 +181,13 @@ def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
         raise ValueError(f"unknown metadata value type {vtype} at byte {pos}")
     etype, count = struct.unpack_from("<IQ", buf, pos)
     pos += 12
+    if depth >= MAX_NESTING:
+        raise ValueError(f"metadata arrays nested more than {MAX_NESTING} deep at byte {pos}")
+    if etype not in _SCALAR and etype not in (_STRING, _ARRAY):
+        raise ValueError(f"unknown metadata array element type {etype} at byte {pos}")
+    least = struct.calcsize(_SCALAR[etype]) if etype in _SCALAR else 8 if etype == _STRING else 12
+    if pos + count * least > len(buf):
+        raise ValueError(f"an array of {count:,} entries at byte {pos} runs past the end of the file")
     if etype in _SCALAR and etype != 7:  # numbers: one numpy call; tolist() so no view outlives the mmap
         dtype = np.dtype(_SCALAR[etype])
         if pos + count * dtype.itemsize > len(buf):
@@ -177,6 +195,6 @@ def _read_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
         return np.frombuffer(buf, dtype=dtype, count=count, offset=pos).tolist(), pos + count * dtype.itemsize
     out = []
     for _ in range(count):  # strings (a vocabulary, merges), bools, nested arrays
-        value, pos = _read_value(buf, pos, etype)
+        value, pos = _read_value(buf, pos, etype, depth + 1)
         out.append(value)
     return out, pos

@@ -8,6 +8,7 @@ and `np.memmap` gives zero-copy views, so a tensor is read from disk only when i
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -23,6 +24,14 @@ _DTYPES = {
 }
 
 
+MAX_HEADER = 100_000_000  # the format's own limit on the JSON header (the safetensors library's)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class SafeTensorsFile:
     """One .safetensors file: `names()`, `shape(name)`, `get(name) -> np.ndarray` (a memmap view)."""
 
@@ -35,30 +44,49 @@ class SafeTensorsFile:
                 if len(head) < 8:
                     raise ModelFileError(f"{self.path}: not a SafeTensors file (shorter than 8 bytes)")
                 (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER:
+                    raise ModelFileError(f"{self.path}: SafeTensors header of {n:,} bytes is over the format's "
+                                         f"limit of {MAX_HEADER:,}")
                 if n > size - 8:
                     raise ModelFileError(f"{self.path}: truncated SafeTensors header ({n} bytes claimed, file is {size})")
                 header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{self.path}: corrupt SafeTensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelFileError(f"{self.path}: corrupt SafeTensors header ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if not isinstance(header, dict):
             raise ModelFileError(f"{self.path}: corrupt SafeTensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self._base = 8 + n
         self._info = header
+        spans = []
         for name, info in header.items():
             try:
-                dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+                dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+                if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
+                    raise ValueError("shape and offsets must be non-negative integers")
             except (KeyError, TypeError, ValueError):
-                raise ModelFileError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
-            if dtype not in _DTYPES:
-                raise ModelFileError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+                raise ModelFileError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                     f"{_show(info)} (shape and data_offsets must be non-negative integers)") from None
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
+                raise ModelFileError(f"{self.path}: tensor {name!r} has unsupported dtype {_show(dtype)}")
+            if end < start:
+                raise ModelFileError(f"{self.path}: tensor {name!r} has data_offsets [{start}, {end}]: negative length")
             if self._base + end > size:
                 raise ModelFileError(f"{self.path}: truncated: tensor {name!r} ends at byte {self._base + end}, "
                                      f"file has {size}")
-            want = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+            want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # Python ints: no wrap-around
             if end - start != want:
                 raise ModelFileError(f"{self.path}: tensor {name!r} spans {end - start} bytes, but shape {shape} "
                                      f"of {dtype} needs {want}")
+            header[name] = dict(info, shape=shape)
+            spans.append((start, end, name))
+        at = 0  # the format: tensors tile the data section in order, no gaps and no overlaps
+        for start, end, name in sorted(spans):
+            if start != at:
+                kind = "overlaps the tensor before it" if start < at else f"leaves a gap of {start - at} bytes"
+                raise ModelFileError(f"{self.path}: tensor {name!r} at data_offsets [{start}, {end}] {kind} "
+                                     "(SafeTensors data must be contiguous)")
+            at = end
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 
     def names(self) -> list[str]:

@@ -249,7 +249,42 @@ def test_api_key(make_server, make_client, fake):
         assert r.headers["www-authenticate"] == "Bearer"
     ok = make_client(url, api_key="sesame")
     assert ok.chat.completions.create(model="fake-model", messages=USER, max_tokens=2).choices[0].message.content
-    assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/metrics").status_code == 200
+    assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/").status_code == 200
+    # /metrics needs the key too, unless the server was started with --public-metrics
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer sesame"}).status_code == 200
+    public = make_server(fake, api_key="sesame", public_metrics=True)
+    assert httpx.get(public + "/metrics").status_code == 200
+
+
+def test_request_body_limit_is_413_in_openai_shape(make_server, fake):
+    url = make_server(fake, max_request_bytes=2000)
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
+    assert r.status_code == 413
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "over this server's limit of 2,000" in err["message"]
+
+    def chunks():  # no Content-Length: the read itself stops at the limit
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}]}'
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "more than 2,000 bytes" in r.json()["error"]["message"]
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_caps_on_prompts_and_stop_strings(client, base_url):
+    r = httpx.post(base_url + "/v1/completions", json={"prompt": ["a"] * 129, "max_tokens": 1})
+    assert r.status_code == 400 and "at most 128 are allowed" in r.json()["error"]["message"]
+    r = httpx.post(base_url + "/v1/completions", json={"prompt": ["a"] * 64, "n": 4, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "stop": ["s"] * 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    r = httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "stop": ["s" * 1001]})
+    assert r.status_code == 400 and "1001 characters" in r.json()["error"]["message"]
 
 
 def test_real_tokenizer_chat_template_and_kwargs(tmp_path, make_server, make_client):

@@ -54,7 +54,7 @@ def engine(world):
 
 @pytest.fixture
 def url(make_server, engine, world):
-    return make_server(engine, lora_paths=[str(world["lora_dir"] / "support"), str(world["lora_dir"] / "legal")],
+    return make_server(engine, enable_adapter_admin=True, lora_paths=[str(world["lora_dir"] / "support"), str(world["lora_dir"] / "legal")],
                        lora_dir=str(world["lora_dir"]))
 
 
@@ -83,7 +83,8 @@ def test_models_lists_adapters_with_their_parent(client, world):
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {"tiny", "support", "legal"}
     assert cards["support"].parent == "tiny" and cards["tiny"].parent is None
-    assert cards["legal"].root == str((world["lora_dir"] / "legal").resolve())
+    assert cards["legal"].root == "legal"  # never the adapter's path on the server
+    assert str(world["lora_dir"]) not in client.models.list().model_dump_json()
 
 
 def test_adapter_by_model_name_mix_and_merge_equal_the_engine_offline(client, world):
@@ -200,3 +201,15 @@ def test_metrics_per_adapter(client, url):
     assert 'lora_name="legal+support"' in text
     assert "hyprjax:lora_request_latency_seconds_bucket" in text
     assert "hyprjax:lora_adapters_loaded" in text and "hyprjax:lora_evictions_total" in text
+
+
+def test_adapter_admin_is_off_unless_enabled(make_server):
+    from tests.serve.fake_engine import FakeEngine
+
+    fake = FakeEngine()
+    url = make_server(fake)
+    for route, body in (("load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+                        ("unload_lora_adapter", {"lora_name": "x"})):
+        r = httpx.post(f"{url}/v1/{route}", json=body)
+        assert r.status_code == 403 and "--enable-adapter-admin" in r.json()["error"]["message"]
+    assert fake.lora == {}
