@@ -2,6 +2,7 @@
 
     python bench/decode.py MODEL.gguf [MODEL.gguf ...]
     python bench/decode.py --make qwen3-0.6b --qtype F16 Q8_0      # random-weight models it creates
+    python bench/decode.py MODEL.gguf --quantization none int8 int4 keep keep8   # one row per weight mode
 
 Prefill: one fresh `--n-prompt`-token prompt (llama-bench's pp512). Decode: greedy batch-1
 generation right after it, timed over the `--n-gen` - 1 steps after the first token (the first
@@ -57,7 +58,13 @@ def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype:
         t, tokens = timed(n_gen)
         total.append(t)
     p, t = statistics.median(prefill), statistics.median(total)
-    return dict(engine="hyprjax", dtype=dtype, quantization=quantization, prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
+    from hyprjax.formats.load import read_config
+    from hyprjax.quant import device_bytes, resolve_mode
+
+    cfg, weights = read_config(Path(path))
+    mode = resolve_mode(quantization, weights)
+    return dict(engine="hyprjax", dtype=dtype, quantization=mode, param_bytes=device_bytes(cfg, mode, 4, weights),
+                prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
                 load_s=load_s, warmup_s=compile_s, tokens=tokens)
 
 
@@ -90,7 +97,7 @@ def text_prompt(path: str, n_prompt: int) -> list[int]:
 
 
 def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str,
-        text: bool = False, quantization: str = "none") -> list[dict]:
+        text: bool = False, quantizations=("none",)) -> list[dict]:
     from hyprjax.formats.gguf_read import GGUFFile
 
     rows = []
@@ -100,34 +107,37 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
         types = sorted({gf.type_name(n) for n in gf.names() if gf.shape(n)[0] > 1 and len(gf.shape(n)) == 2})
         prompt = text_prompt(path, n_prompt) if text else default_prompt(n_prompt, vocab)
         name = Path(path).name
-        log(f"{name}: hyprjax ({dtype}, quantization {quantization}) ...")
-        ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype, quantization)
         log(f"{name}: llama.cpp ({threads} threads) ...")
         try:
             theirs = run_llamacpp(path, n_gen=n_gen, threads=threads, repeats=repeats, prompt_tokens=prompt)
         except LlamaCppError as e:
             log(f"llama.cpp unavailable: {e}")
             theirs = None
-        row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen, prompt="text" if text else "random ids",
-                   hyprjax=ours, llamacpp=theirs)
-        if theirs:
-            row["prefill_ratio"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
-            row["decode_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
-            row["greedy_agreement"] = agreement(ours["tokens"], theirs["tokens"])
-        rows.append(row)
+        for quantization in quantizations:
+            log(f"{name}: hyprjax ({dtype}, quantization {quantization}) ...")
+            ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype, quantization)
+            row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen,
+                       prompt="text" if text else "random ids", hyprjax=ours, llamacpp=theirs)
+            if theirs:
+                row["prefill_ratio"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+                row["decode_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+                row["greedy_agreement"] = agreement(ours["tokens"], theirs["tokens"])
+            rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | hyprjax weights | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
+    lines = ["| model | weights | hyprjax weights | params MiB | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
              "| llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h, l = r["hyprjax"], r["llamacpp"] or {}
         agree = r.get("greedy_agreement")
         agree = f"{agree['common_prefix']}/{agree['of']}" if agree else "-"
-        mine = {"none": h.get("dtype", "float32"), "int8": "int8"}.get(h.get("quantization", "none"))
-        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h['prefill_tok_s']:.1f} | "
+        mode = h.get("quantization", "none")
+        mine = h.get("dtype", "float32") if mode == "none" else mode
+        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h.get('param_bytes', 0) / 2**20:,.0f} | "
+                     f"{h['prefill_tok_s']:.1f} | "
                      f"{l.get('prefill_tok_s', float('nan')):.1f} | {r.get('prefill_ratio', float('nan')):.2f} | "
                      f"{h['decode_tok_s']:.2f} | {l.get('decode_tok_s', float('nan')):.2f} | "
                      f"{r.get('decode_ratio', float('nan')):.2f} | "
@@ -145,7 +155,7 @@ def plot(rows: list[dict], out: Path) -> None:
         log("matplotlib not installed (pip install -e '.[bench]'): no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["model"].removesuffix(".gguf") for r in rows]
+    names = [f'{r["model"].removesuffix(".gguf")}\n{r["hyprjax"].get("quantization", "none")}' for r in rows]
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["hyprjax"][key] for r in rows], 0.4, label="hyprjax")
@@ -168,8 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--dtype", default="float32", help="hyprjax parameter dtype (float32 is fastest on CPU)")
-    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
-                    help="hyprjax's weights: none (as --dtype) or int8 (hyprjax/quant.py)")
+    ap.add_argument("--quantization", nargs="+", default=["none"],
+                    choices=["auto", "none", "int8", "int4", "keep", "keep8"],
+                    help="hyprjax's weight modes, a row each (hyprjax/quant.py); none: floats as --dtype")
     ap.add_argument("--text", action="store_true",
                     help="prompt with real English text (tokenized by the model) instead of random token ids")
     ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))

@@ -1,4 +1,4 @@
-"""Perplexity of a model on English text, per weight mode (float32 vs --quantization int8).
+"""Perplexity of a model on English text, per weight mode (float32 against --quantization int8, int4, keep, ...).
 
     python bench/perplexity.py [MODEL] [--quantization none int8] [--tokens 4096] [--window 512]
 
@@ -6,7 +6,7 @@ The text is the English prose of Python's own reference documentation (`pydoc_da
 installed with every CPython, so the measurement needs no download): its first `--tokens`
 tokens, cut into independent windows of `--window` tokens, each scored by the model's full
 forward (every token after a window's first is predicted from the window before it). MODEL
-defaults to the default model (Gemma 3 270M Q4_K_M). Writes JSON and prints a table with each
+defaults to the default model (hyprjax/default_model.py). Writes JSON and prints a table with each
 mode's perplexity and its change against the first mode.
 """
 

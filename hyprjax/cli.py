@@ -14,6 +14,7 @@ import time
 
 from .compile_cache import ENV_VAR
 from .errors import HyprjaxError
+from .quant import MODES
 from .serve.main import positive_int
 
 EXIT_USAGE = 2
@@ -26,10 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
-    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8"],
-                   help="int8: keep the linear layers and embedding in int8 with one scale per output "
-                        "channel (4x less weight memory than float32; faster decoding on CPU); auto: int8 "
-                        "for a quantized GGUF (Q8_0, Q4_K, ...) on CPU, else none (float weights)")
+    p.add_argument("--quantization", "-q", default="auto", choices=list(MODES),
+                   help="weights on the device: none (floats as loaded); int8 (one scale per output "
+                        "channel, 4x less than float32); int4 (a scale per 128 weights, ~7x less); keep "
+                        "(a GGUF's own blocks, Q8_0/Q4_K/Q6_K/..., packed and exact); keep8 (keep with "
+                        "4-bit codes widened to int8: faster on CPU); auto: keep8 on CPU / keep on GPU "
+                        "for a quantized GGUF, else none")
     p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -256,7 +259,8 @@ def cmd_serve(args) -> int:
                         page_size=args.page_size, num_pages=args.num_pages,
                         kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                        max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank)
+                        max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank,
+                        lora_quantization=args.lora_quantization)
     names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
     clash = [n for n, _ in args.lora if n in names]
     if clash:

@@ -40,11 +40,12 @@ class Generator:
 
     def __init__(self, model, cfg: ModelConfig, tokenizer, *, max_model_len: int | None = None,
                  max_batch: int = 32, max_loras: int = 0, max_lora_rank: int = 16, engine_config=None, mesh=None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, lora_quantization: str = "none"):
         self.model, self.cfg, self.tokenizer, self.mesh = model, cfg, tokenizer, mesh
         self.enable_prefix_caching = enable_prefix_caching
         self._want_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch, self.max_loras, self.max_lora_rank = max_batch, max_loras, max_lora_rank
+        self.lora_quantization = lora_quantization
         self._config = engine_config
         self._engine = None
 
@@ -58,18 +59,19 @@ class Generator:
             config = self._config or EngineConfig(
                 max_model_len=self._want_len, max_num_seqs=self.max_batch,
                 max_num_batched_tokens=max(256, self.max_batch), max_loras=self.max_loras,
-                max_lora_rank=self.max_lora_rank, enable_prefix_caching=self.enable_prefix_caching)
+                max_lora_rank=self.max_lora_rank, lora_quantization=self.lora_quantization,
+                enable_prefix_caching=self.enable_prefix_caching)
             self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False, progress=False,
                                      mesh=self.mesh)
         return self._engine
 
-    def enable_lora(self, max_loras: int, max_lora_rank: int) -> None:
+    def enable_lora(self, max_loras: int, max_lora_rank: int, lora_quantization: str = "none") -> None:
         """Rebuild the engine with an adapter slot table (it holds no state between calls)."""
         if self._engine is not None and self._engine.lora is not None:
             return
-        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.max_loras, self.max_lora_rank, self.lora_quantization = max_loras, max_lora_rank, lora_quantization
         self._config = None if self._config is None else dataclasses.replace(
-            self._config, max_loras=max_loras, max_lora_rank=max_lora_rank)
+            self._config, max_loras=max_loras, max_lora_rank=max_lora_rank, lora_quantization=lora_quantization)
         self._engine = None
 
     @property

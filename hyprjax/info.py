@@ -37,8 +37,12 @@ def model_info(source: str, memory: bool = False) -> dict:
                   "tie_word_embeddings", "qk_norm", "qkv_bias", "sliding_window"):
         info[field] = getattr(cfg, field)
     if memory:
-        for label, mode, nbytes in (("float32", "none", 4), ("bfloat16", "none", 2), ("int8", "int8", 4)):
-            info[f"device bytes {label}"] = f"{device_bytes(cfg, mode, nbytes) / 2**20:,.1f} MiB"
+        modes = [("float32", "none"), ("bfloat16", "none"), ("int8", "int8"), ("int4", "int4")]
+        if isinstance(weights, GGUFFile):
+            modes += [("keep", "keep"), ("keep8", "keep8")]
+        for label, mode in modes:
+            nbytes = 2 if label == "bfloat16" else 4
+            info[f"device bytes {label}"] = f"{device_bytes(cfg, mode, nbytes, weights) / 2**20:,.1f} MiB"
         info["quantization auto"] = resolve_mode("auto", weights)
     return info
 

@@ -37,18 +37,24 @@ class LLM:
     (hyprjax/sharding.py has the rules); 1, the default, runs on one device with no mesh.
     `enable_prefix_caching=False` recomputes every prompt (benchmarks of prefill need it: a
     repeated prompt is otherwise served from the pages its first run left).
-    `quantization="int8"` keeps the linear layers and the embedding in int8, one scale per
-    output channel (hyprjax/quant.py): a quarter of float32's memory, and faster decoding on CPU.
-    "auto" (the default) does so for a quantized GGUF on CPU; "none" keeps float weights.
+    `quantization` is how the linear layers and the embedding sit on the device (hyprjax/quant.py):
+    "none" (floats), "int8", "int4" (quantized at load), "keep" (a GGUF's own blocks, exact),
+    "keep8" (keep with 4-bit codes widened to int8, faster on CPU); "auto" (the default) keeps a
+    quantized GGUF's blocks (keep8 on CPU, keep on GPU/TPU) and floats as they are.
+    `lora_quantization` "int8" or "int4" keeps adapters loaded with `load_lora` quantized on the
+    host (a quarter or about an eighth of their float32 bytes; hyprjax/adapters/quantized.py),
+    dequantized into their device slot; "none" (the default) keeps them as floats.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_batch: int = 32, progress: bool = True, max_loras: int = 8,
                  max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
-                 enable_prefix_caching: bool = True, quantization: str = "auto"):
+                 enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none"):
+        from .adapters.quantized import check_lora_quantization
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
         mesh = tensor_parallel_mesh(tensor_parallel)  # a bad value fails before the load
+        check_lora_quantization(lora_quantization)
         enable_compile_cache(compile_cache)
         loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress, quantization=quantization)
         self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
@@ -57,7 +63,7 @@ class LLM:
             shard_model(loaded.model, loaded.cfg, mesh)
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching)
-        self._lora_limits = (max_loras, max_lora_rank)
+        self._lora_limits = (max_loras, max_lora_rank, lora_quantization)
 
     @property
     def max_model_len(self) -> int:

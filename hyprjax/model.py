@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .quant import dequantize, qdot, quantize_kernel, quantize_rows
+from .qformat import QFormat, dequantize
+from .quant import qdot
 from .rope import apply_rope, rope_frequencies, rope_tables
 
 NO_WINDOW = 1 << 30  # the window of a global layer in a model that also has sliding layers
@@ -99,22 +100,38 @@ class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout), dtype) * din ** -0.5)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
-        self.qscale = nnx.data(None)  # f32[dout] once quantized: the kernel is then i8[dout, din] (hyprjax/quant.py)
-
-    def quantize(self) -> None:
-        """Replace the float kernel by its int8 form (hyprjax/quant.py: layout and why)."""
-        q, scale = quantize_kernel(self.kernel[...])
-        self.kernel, self.qscale = nnx.Param(q), nnx.data(nnx.Param(scale))
+        self.qfmt = None  # a QFormat once quantized: `kernel` then holds codes [dout, din] (hyprjax/qformat.py)
+        self.qscale = self.qsub = self.qmin = self.qmsub = nnx.data(None)
 
     def __call__(self, x):
-        if self.qscale is not None:
-            y = qdot(x, self.kernel[...], self.qscale[...]).astype(x.dtype)
+        if self.qfmt is not None:
+            y = qdot(x, self.qfmt, quantized(self)).astype(x.dtype)
             return y if self.bias is None else y + self.bias[...]
         w = self.kernel[...]
         y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=w.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+
+def set_quantized(module, attr: str, fmt: QFormat, q: dict) -> None:
+    """Make `module` (a Linear, or the Embed with attr "embedding") hold the quantized matrix
+    (fmt, q): codes in `attr`, scales in `qscale`/`qsub`/`qmin`/`qmsub` (None where absent)."""
+    module.qfmt = fmt
+    setattr(module, attr, nnx.Param(q["codes"]))
+    for field in ("scale", "sub", "min", "msub"):
+        value = q.get(field)
+        setattr(module, "q" + field, nnx.data(None if value is None else nnx.Param(value)))
+
+
+def quantized(module, attr: str = "kernel") -> dict:
+    """The arrays of a quantized module as qformat's dict (codes, scale, sub, min, msub)."""
+    q = {"codes": getattr(module, attr)[...]}
+    for field in ("scale", "sub", "min", "msub"):
+        var = getattr(module, "q" + field, None)
+        q[field] = None if var is None else var[...]
+    return q
 
 
 class RMSNorm(nnx.Module):
@@ -280,17 +297,12 @@ class Model(nnx.Module):
         """The activations' dtype (the final norm's): the KV pool's too. Weights may be int8."""
         return self.norm.scale.dtype
 
-    def quantize_embedding(self) -> None:
-        """int8 rows with one scale per token (`embed.qscale`); the tied LM head reads them too."""
-        q, scale = quantize_rows(self.embed.embedding[...])
-        self.embed.embedding, self.embed.qscale = nnx.Param(q), nnx.data(nnx.Param(scale))
-
     def embed_tokens(self, tokens):
         """tokens i32[B, T] -> the first layer's input f[B, T, D]."""
-        qscale = getattr(self.embed, "qscale", None)
-        if qscale is not None:  # gather the int8 rows, then dequantize only those
-            q = self.embed.embedding[...]
-            x = dequantize(q[tokens], qscale[...][tokens]).astype(self.compute_dtype)
+        fmt = getattr(self.embed, "qfmt", None)
+        if fmt is not None:  # gather the quantized rows, then dequantize only those
+            rows = {k: None if v is None else v[tokens] for k, v in quantized(self.embed, "embedding").items()}
+            x = dequantize(fmt, rows).astype(self.compute_dtype)
         else:
             x = self.embed(tokens)
         if self.cfg.embed_scale:
@@ -303,9 +315,9 @@ class Model(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, R, D]
         x = self.norm(x)
-        qscale = getattr(self.embed, "qscale", None)
-        if self.lm_head is None and qscale is not None:
-            logits = qdot(x, self.embed.embedding[...], qscale[...])
+        fmt = getattr(self.embed, "qfmt", None)
+        if self.lm_head is None and fmt is not None:
+            logits = qdot(x, fmt, quantized(self.embed, "embedding"))
         elif self.lm_head is None:
             w = self.embed.embedding[...]
             logits = jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)

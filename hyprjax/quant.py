@@ -1,26 +1,38 @@
-"""Weight-only int8 quantization: the weights stay int8 on the device, the math runs in float32.
+"""Weight-only quantization at run time: which mode, and the quantized matmul `qdot`.
 
-`--quantization int8` (and `hyprjax.LLM(..., quantization="int8")`) quantizes every linear
-layer and the embedding after loading: symmetric, one float32 scale per output channel
-(`q = round(w / s)`, `s = max|w| / 127` over the input dimension), as AQT/qwix do for
-weight-only int8. The LM head of a tied model runs from the quantized embedding.
+Modes (`--quantization`, `hyprjax.LLM(..., quantization=)`):
 
-Layout. A quantized kernel is stored **transposed**, `q i8[..., dout, din]` with `qscale
-f32[..., dout]`, so every output channel's weights are one contiguous row, the same as the
-embedding's `[V, D]` rows (which the tied head multiplies).
+  * `none`: float weights as loaded.
+  * `int8`: every linear layer and the embedding quantized at load, symmetric, one float32 scale
+    per output channel (per token for the embedding), as AQT/qwix do for weight-only int8.
+  * `int4`: the same with 4-bit codes and a float32 scale per group of 128 input weights.
+  * `keep`: a GGUF's own blocks stay packed on the device (Q8_0, Q4_0, Q4_K, Q6_K, ...), converted
+    losslessly to the one layout of hyprjax/qformat.py; F16/BF16 tensors stay half floats.
+  * `keep8`: `keep` with 4-bit codes widened to int8 codes (same scales, still exact).
+  * `auto` (the default of LLM and the CLI): on CPU, `keep8` for a file of quantized blocks (the
+    fastest there, below), else `none`; on GPU/TPU, `keep` for a quantized file, else `none`.
 
-Why it is fast on CPU (docs/cpu.md has the numbers). Decoding one token is a matrix-vector
+The layout (hyprjax/qformat.py): a quantized matrix is stored transposed, codes `[dout, din]`,
+with per-group scales. The LM head of a tied model runs from the quantized embedding.
+
+Why this is fast on CPU (docs/cpu.md has the numbers). Decoding one token is a matrix-vector
 product: it reads every weight once and does almost no arithmetic, so time is bytes. XLA:CPU
-emits `x @ convert(q).T` with one row of `x` and the contraction over q's minor dimension as
-one loop that converts each int8 as it reads it, so the step reads 1 byte per weight instead
-of 4: the 152k x 1024 head of Qwen3-0.6B takes 3.7 ms in int8 against 12.7 ms in float32 (2-core
-EPYC). Written any other way (`dot_general` on `[din, dout]`, an explicit multiply-reduce)
-XLA first converts the whole matrix or runs a slow reduction: 20-80x slower. With more than
-one row (batched decode, prefill) `x @ convert(q).T` would again convert the whole matrix
-first, so `qdot` walks the output channels in blocks of ~2M weights (a scan): each block is
-converted into a cache-sized tile and multiplied by the library GEMM. The tile is float32, or,
-on CPUs with AMX, bfloat16 against x split into three bf16 terms (`bf16_gemm`): exact for int8
-weights, float32 precision for x, and 1.5-2.5x faster than the float32 tile there (docs/cpu.md).
+emits `x @ dequantize(q).T` with one row of `x` as one loop that converts each int8 code (and
+multiplies its group's scale) as it reads it, so the step reads ~1 byte per weight instead of 4:
+a [3072, 1024] matrix takes 0.25 ms with int8 codes (per-channel or grouped) against 0.41-0.57 ms
+in float32. 4-bit codes do not vectorize in that loop (1.5 ms: XLA emits the nibble unpack per
+element), which is why `auto` widens them to int8 on CPU. With more than one row (batched decode,
+prefill) the same expression would first convert the whole matrix, so `qdot` walks the output
+channels in blocks of ~2M weights (a scan): each block is dequantized into a cache-sized tile and
+multiplied by the library GEMM. For per-channel int8 on CPUs with AMX the tile is bfloat16
+against x split into three bf16 terms (`bf16_gemm`): exact for int8 codes, float32 precision
+for x, 1.5-2.5x faster than the float32 tile there.
+
+On GPU/TPU `qdot` is `x @ dequantize(q).T` for XLA to fuse (and for GSPMD to partition under
+tensor parallelism); `HYPRJAX_QMATMUL=pallas` runs the Pallas kernel of kernels/qmatmul.py instead
+(the codes dequantized tile by tile in registers/VMEM). The kernel passes its interpret-mode and
+lowering tests, but has not yet been timed on a GPU (bench/gpu_quant.py does that), so it is not
+the default.
 """
 
 from __future__ import annotations
@@ -36,10 +48,11 @@ from flax import nnx
 from jax import lax
 
 from .errors import HyprjaxError
+from .qformat import QFormat, dequantize, quantize_rows
 
 log = logging.getLogger("hyprjax")
 
-MODES = ("auto", "none", "int8")
+MODES = ("auto", "none", "int8", "int4", "keep", "keep8")
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 BLOCK_WEIGHTS = 1 << 21  # weights converted per scan step when x has more than one row (~8 MB f32)
 
@@ -52,73 +65,66 @@ def check_mode(mode: str | None) -> str:
 
 
 def resolve_mode(mode: str, weights) -> str:
-    """`auto` -> "int8" when the file's matrices are quantized GGUF blocks (Q8_0, Q4_K, ...) and
-    the backend is CPU, else "none". A quantized file stays quantized instead of growing to
-    float32 (Gemma 3 270M Q4_K_M: 1,022 MiB of float32 parameters, 4x less as int8), and on CPU
-    int8 also decodes faster (docs/cpu.md). Float files (F16/BF16/F32, SafeTensors) stay float:
-    their numbers are kept exactly. GPU/TPU keep float until the fused int8 matmul is verified
-    there (issue 14)."""
+    """`auto` -> the mode for this file here: "keep8" on CPU / "keep" on GPU/TPU when the file's
+    matrices are quantized GGUF blocks (Q8_0, Q4_K, ...), else "none". A quantized file stays
+    quantized instead of growing to float32 (Gemma 3 270M Q4_K_M: 1,022 MiB as float32), exactly
+    (the blocks are converted, not re-quantized). Float files (F16/BF16/F32, SafeTensors) stay
+    float: their numbers are kept exactly."""
     mode = check_mode(mode)
     if mode != "auto":
         return mode
     types = getattr(weights, "type_name", None)
     packed = set() if types is None else {types(n) for n in weights.names() if len(weights.shape(n)) == 2}
     packed -= FLOAT_TYPES
-    mode = "int8" if packed and jax.default_backend() == "cpu" else "none"
+    if not packed:
+        mode = "none"
+    else:
+        mode = "keep8" if jax.default_backend() == "cpu" else "keep"
     log.info("quantization auto -> %s (%s weights on %s)", mode, "/".join(sorted(packed)) or "float",
              jax.default_backend())
     return mode
 
 
-@jax.jit
-def quantize_rows(w) -> tuple[jax.Array, jax.Array]:
-    """w f[..., rows, cols] -> (q i8[..., rows, cols], scale f32[..., rows]): one scale per row
-    (an output channel of a transposed kernel, a token of the embedding)."""
-    w = jnp.asarray(w, jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w / scale[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale.astype(jnp.float32)
-
-
-@jax.jit
-def quantize_kernel(kernel) -> tuple[jax.Array, jax.Array]:
-    """A Linear kernel f[..., din, dout] -> (q i8[..., dout, din], scale f32[..., dout]); one
-    program, so loading never holds a transposed float copy of the kernel."""
-    return quantize_rows(jnp.swapaxes(kernel, -1, -2))
-
-
-def dequantize(q, scale) -> jax.Array:
-    """f32 rows of a quantized matrix (reference and embedding lookup)."""
-    return q.astype(jnp.float32) * scale[..., None]
-
-
-def qdot(x, q, scale) -> jax.Array:
-    """x f[..., din] @ the quantized matrix q i8[dout, din] (scale f32[dout]) -> f32[..., dout]."""
+def qdot(x, fmt: QFormat, q: dict) -> jax.Array:
+    """x f[..., din] @ the quantized matrix (fmt, q) of shape [dout, din] -> f32[..., dout]."""
     lead, din = x.shape[:-1], x.shape[-1]
-    dout = q.shape[0]
+    dout = q["codes"].shape[0]
     rows = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(rows, din).astype(jnp.float32)
-    if rows == 1:  # one fused convert-and-dot loop (module docstring)
-        y = (_materialized(x2) @ q.astype(jnp.float32).T) * scale
+    if jax.default_backend() != "cpu":
+        return _accelerator_qdot(x2, fmt, q).reshape(*lead, dout)
+    per_channel = fmt.bits == 8 and fmt.group == din and q.get("sub") is None and q.get("min") is None
+    if rows == 1:  # one fused dequantize-and-dot loop (module docstring)
+        if per_channel:  # the scale after the dot: one multiply per output, not per weight
+            y = (_materialized(x2) @ q["codes"].astype(jnp.float32).T) * q["scale"][:, 0]
+        else:
+            y = _materialized(x2) @ dequantize(fmt, q).T
         return y.reshape(*lead, dout)
     blk = _block_rows(dout, din)
     nb = dout // blk
-    if bf16_gemm():  # int8 -> bf16 is exact; x as three bf16 terms keeps float32 precision
+    if per_channel and bf16_gemm():  # int8 -> bf16 is exact; x as three bf16 terms keeps float32 precision
         terms = _bf16_terms(x2)
 
-        def body(_, qs):
-            qb, sb = qs
-            y = lax.dot_general(terms, qb.astype(jnp.bfloat16), (((1,), (1,)), ((), ())),
+        def body(_, qb):
+            y = lax.dot_general(terms, qb["codes"].astype(jnp.bfloat16), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32).reshape(SPLIT_TERMS, rows, blk)
-            return None, (y[2] + y[1] + y[0]) * sb
+            return None, (y[2] + y[1] + y[0]) * qb["scale"][:, 0]
     else:
-        def body(_, qs):
-            qb, sb = qs
-            return None, (x2 @ qb.astype(jnp.float32).T) * sb
+        def body(_, qb):
+            return None, x2 @ dequantize(fmt, qb).T
 
-    _, y = lax.scan(body, None, (q.reshape(nb, blk, din), scale.reshape(nb, blk)))  # [nb, rows, blk]
+    blocks = {k: v.reshape(nb, blk, *v.shape[1:]) for k, v in q.items() if v is not None}
+    _, y = lax.scan(body, None, blocks)  # [nb, rows, blk]
     return jnp.moveaxis(y, 0, 1).reshape(*lead, dout)
+
+
+def _accelerator_qdot(x2, fmt: QFormat, q: dict):
+    """GPU/TPU: XLA's fusion of `x @ dequantize(q).T`, or the Pallas kernel (HYPRJAX_QMATMUL=pallas)."""
+    if os.environ.get("HYPRJAX_QMATMUL", "xla") != "pallas":
+        return x2 @ dequantize(fmt, q).T
+    from kernels.qmatmul import qmatmul
+
+    return qmatmul(x2, fmt, q)
 
 
 SPLIT_TERMS = 3
@@ -179,35 +185,60 @@ def _block_rows(dout: int, din: int) -> int:
     return 1
 
 
-def device_bytes(cfg, mode: str, dtype_bytes: int = 4) -> int:
-    """Parameter bytes on the device of a model of `cfg` with weights in `mode` ("none" or "int8";
-    floats of `dtype_bytes`), from the name table alone: int8 matrices take a byte per weight plus
-    a float32 scale per output channel (per token for the embedding)."""
-    from .formats.names import tensor_table
 
+
+def device_bytes(cfg, mode: str, dtype_bytes: int = 4, weights=None) -> int:
+    """Parameter bytes on the device of a model of `cfg` with weights in `mode` (floats of
+    `dtype_bytes`), from the name table and, for `keep`/`keep8`, one row of each GGUF matrix
+    (`weights`): what `hyprjax info --memory` prints. With stacked layers (GPU/TPU) a GGUF that
+    mixes block types within one module takes more (formats/load_packed.py: `common`)."""
+    from .formats.load_packed import KEEP_MODES, PACKED_MODES, is_packed
+    from .formats.names import tensor_table
+    from .qformat import int4_group
+
+    if mode in KEEP_MODES and weights is None:
+        raise HyprjaxError(f"device bytes for quantization={mode!r} need the GGUF file")
     total = 0
     for spec in tensor_table(cfg):
         n = int(np.prod(spec.shape))
-        packed = mode == "int8" and len(spec.shape) == 2 and spec.path[-1] in ("kernel", "embedding")
-        if packed:
-            channels = spec.shape[0] if spec.path[-1] == "embedding" else spec.shape[1]  # [V, D] / [din, dout]
-            total += n + 4 * channels
-        else:
+        if mode not in PACKED_MODES or not is_packed(spec):
             total += n * dtype_bytes
+            continue
+        dout = spec.shape[0] if spec.path[-1] == "embedding" else spec.shape[1]
+        din = n // dout
+        if mode in KEEP_MODES:
+            total += _kept_bytes(weights, spec.gguf, dout, din, mode, dtype_bytes)
+        elif mode == "int4" and int4_group(din):
+            total += n // 2 + 4 * dout * (din // int4_group(din))
+        else:
+            total += n + 4 * dout
     return total
 
 
+def _kept_bytes(weights, name: str, dout: int, din: int, mode: str, dtype_bytes: int) -> int:
+    from .formats.gguf_blocks import to_packed
+    from .formats.load_packed import widen
+
+    if weights.type_name(name) == "F32":
+        return dout * din * dtype_bytes
+    fmt, q = to_packed(weights.type_name(name), weights.raw(name, (0, 1)), (1, din))
+    if mode == "keep8":
+        fmt, q = widen(fmt, q)
+    row = sum(np.asarray(v).nbytes for v in q.values() if v is not None) + (4 if fmt.bits == 16 else 0)
+    return dout * row
+
+
 def quantize_model(model, mode: str) -> None:
-    """Quantize `model`'s linear layers and embedding in place (`mode` "int8"); "none" does nothing.
+    """Quantize a float model already in memory, in place, to `mode` "int8" or "int4" (loading
+    packs as it reads instead: formats/load_packed.py). Stacked [L, ...] kernels quantize as one
+    array per module; each float matrix is dropped as soon as its codes exist."""
+    from .model import Linear, set_quantized
 
-    Each float kernel is replaced as soon as its int8 copy exists, so the float model is freed
-    one matrix at a time and peak memory is the float model plus one int8 matrix.
-    """
-    from .model import Linear  # the model imports this module
-
-    if check_mode(mode) == "none":
-        return
-    linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, Linear) and node.qscale is None]
+    if mode not in ("int8", "int4"):
+        raise HyprjaxError(f"quantize_model: mode {mode!r} (int8 or int4)")
+    linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, Linear) and node.qfmt is None]
     for module in linears:
-        module.quantize()
-    model.quantize_embedding()
+        fmt, q = quantize_rows(jnp.swapaxes(module.kernel[...], -1, -2), mode)
+        set_quantized(module, "kernel", fmt, q)
+    fmt, q = quantize_rows(model.embed.embedding[...], mode)
+    set_quantized(model.embed, "embedding", fmt, q)

@@ -54,6 +54,7 @@ RULES: dict[str, str | None] = {
     "layers": None,  # the scanned layer axis
 }
 
+QFIELDS = ("qscale", "qsub", "qmin", "qmsub")  # a quantized matrix's scale arrays (hyprjax/qformat.py)
 KV_POOL_AXES = ("layers", None, None, "kv_heads", None)  # KVPool.k / .v [L, P, page_size, K, H]
 PENALTY_AXES = (None, "vocab")  # counts / seen [max_num_seqs, V]
 
@@ -139,6 +140,9 @@ def shard_params(state, cfg: ModelConfig, mesh: Mesh):
     Returns a new state; `state` is left as it was.
     """
     shardings = param_shardings(cfg, mesh)
+    paths = [tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+             for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    quantized = {p[:-1] for p in paths if p[-1] == "qscale"}  # modules whose kernel holds codes
 
     def entries(key: tuple, ndim: int) -> tuple:
         spec = tuple(shardings[key].spec)
@@ -146,24 +150,24 @@ def shard_params(state, cfg: ModelConfig, mesh: Mesh):
 
     def spec(key: tuple, x) -> P | None:
         """The PartitionSpec of the parameter at `key`, None if the tables lack it. A quantized
-        kernel is stored transposed, and its per-output-channel scale splits as the kernel's
-        output dimension (hyprjax/quant.py)."""
+        matrix is stored transposed, codes [L?, dout, din] (hyprjax/qformat.py); its scales
+        [L?, dout, groups] split as the codes do, the group dim only where the groups divide."""
         per_layer = len(key) > 1 and key[0] == "layers" and isinstance(key[1], int)  # CPU: one array per layer
         base = (key[0], *key[2:]) if per_layer else key
         ndim = x.ndim + per_layer  # of the stacked parameter
-        if base[-1] == "qscale":
-            owner = base[:-1]
-            if (*owner, "embedding") in shardings:  # one scale per embedding row
-                found = entries((*owner, "embedding"), 2)[:1]
-            elif (*owner, "kernel") in shardings:  # [L?, din, dout] -> [L?, dout]
-                kernel = entries((*owner, "kernel"), ndim + 1)
-                found = (*kernel[:-2], kernel[-1])
+        owner, leaf = base[:-1], base[-1]
+        if leaf in QFIELDS or (leaf == "kernel" and key[:-1] in quantized):
+            if (*owner, "embedding") in shardings:  # rows of the embedding, the groups whole
+                found = (entries((*owner, "embedding"), 2)[0], None)
+            elif (*owner, "kernel") in shardings:  # [L?, din, dout] -> [L?, dout, din or groups]
+                kernel = entries((*owner, "kernel"), ndim)
+                found = (*kernel[:-2], kernel[-1], kernel[-2])
+                if found[-1] is not None and x.shape[-1] % mesh.shape[found[-1]]:
+                    found = (*found[:-1], None)
             else:
                 return None
         elif base in shardings:
             found = entries(base, ndim)
-            if base[-1] == "kernel" and x.dtype == jnp.int8:  # stored [L?, dout, din]
-                found = (*found[:-2], found[-1], found[-2])
         else:
             return None
         return P(*(found[1:] if per_layer else found))

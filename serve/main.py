@@ -10,6 +10,7 @@ import argparse
 import functools
 import re
 
+from hyprjax.adapters.quantized import LORA_QUANTIZATIONS
 from hyprjax.engine.memory import (ACCELERATOR_DEFAULT_FRACTION, CPU_DEFAULT_BYTES, page_bytes, parse_kv_memory,
                                    parse_size)
 
@@ -157,6 +158,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--max-lora-rank", type=positive_int, default=None, metavar="R",
                       help="rank of every slot; adapters of higher rank are refused (default: 16, or the "
                            "highest rank among the --lora adapters)")
+    lora.add_argument("--lora-quantization", choices=list(LORA_QUANTIZATIONS), default="none",
+                      help="keep loaded adapters on the host as int8 (a scale per rank vector, 1/4 of float32) "
+                           "or int4 (a scale per 128 weights, ~1/8), dequantized into their slot when used; "
+                           "none (default): floats")
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:

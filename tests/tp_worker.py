@@ -43,6 +43,8 @@ CASES = {
     "gemma3-kv4": dict(arch="gemma3", model=dict(num_key_value_heads=4), backend="xla"),
     "gemma3-kv1": dict(arch="gemma3", model=dict(num_key_value_heads=1), backend="xla"),  # kv replicated
     "qwen3-kv4-int8": dict(arch="qwen3", model=dict(num_key_value_heads=4), backend="xla", quantization="int8"),
+    "qwen3-kv4-int4": dict(arch="qwen3", model=dict(num_key_value_heads=4, intermediate_size=128), backend="xla",
+                           quantization="int4"),
     "pallas-qwen3-kv4": dict(arch="qwen3", model=dict(num_key_value_heads=4, head_dim=32), backend="pallas"),
     "pallas-gemma3-kv2": dict(arch="gemma3", model=dict(num_key_value_heads=2), backend="pallas"),  # kv replicated
 }
@@ -100,15 +102,19 @@ def _layer0(state):
 
 
 def _matrix_spec(state, module: str) -> str:
-    kernel = _layer0(state)["attn"][module]["kernel"][...]
+    params = _layer0(state)["attn"][module]
+    kernel = params["kernel"][...]
     spec = tuple(kernel.sharding.spec) + (None,) * (kernel.ndim - len(kernel.sharding.spec))
-    spec = spec[-2:] if kernel.dtype != jnp.int8 else spec[-2:][::-1]  # int8 is stored [dout, din]
-    return str(spec)
+    packed = params.get("qscale") is not None  # codes are stored [dout, din] (hyprjax/qformat.py)
+    return str(spec[-2:][::-1] if packed else spec[-2:])
 
 
 def _scale_spec(state, module: str) -> str | None:
     scale = _layer0(state)["attn"][module].get("qscale")
-    return None if scale is None else str(tuple(scale[...].sharding.spec)[-1:])
+    if scale is None:
+        return None
+    spec = tuple(scale[...].sharding.spec) + (None,) * (scale[...].ndim - len(scale[...].sharding.spec))
+    return str(spec[-2:])  # [dout, groups]
 
 
 def _embed_scale_spec(state) -> str | None:

@@ -44,6 +44,10 @@ class LoraModule:
     def rank(self) -> int:
         return self.a.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
     def delta(self) -> np.ndarray:
         """The dense weight update [din, dout] (tests and merges)."""
         return self.scale * (self.a.astype(np.float64) @ self.b.astype(np.float64))
@@ -53,7 +57,8 @@ class LoraModule:
 class LoraAdapter:
     name: str
     path: str  # where it was read from ("" for merged mixes)
-    modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)  # (layer, module name) -> update
+    # (layer, module name) -> update: a LoraModule, or a QuantizedLoraModule (quantized.py)
+    modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
     parents: tuple[str, ...] = ()  # a merged mix: the adapters it was made from
 
     @property
@@ -66,7 +71,8 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        """Host bytes of the factors as stored (packed codes and scales for a quantized adapter)."""
+        return sum(m.nbytes for m in self.modules.values())
 
     def check_fits(self, cfg: ModelConfig, max_rank: int | None = None) -> None:
         """Raise AdapterError naming the first module whose layer, shape or rank does not fit."""

@@ -7,7 +7,9 @@ Adapters live in their own pytree, never mixed into the base weights:
 (one pair of arrays per module: 14 step arguments rather than one per layer) with L layers, S = `max_loras` slots and R = `max_lora_rank` (lower ranks zero-padded; the adapter's
 scale folded into `b` when its slot is written, so the kernel needs no scale array). A slot
 holds one adapter, or one merged mix (`ties`, `dare_*`, `linear`), which is a temporary
-adapter computed once per distinct mix and cached on the host.
+adapter computed once per distinct mix and cached on the host. With `quantization` int8 or int4
+the host copies of added adapters are kept quantized (quantized.py) and dequantized as a slot is
+written or a mix merged; merged mixes stay float.
 
 Lifetime: a request *holds* what it resolved to from `add_request` until it ends, waiting in
 the queue included, so unloading an adapter a request holds hides it from new requests at once
@@ -42,6 +44,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .lora import MODULES, AdapterError, LoraAdapter, module_shapes
+from .quantized import check_lora_quantization, quantize_adapter
 
 log = logging.getLogger("hyprjax.lora")
 
@@ -115,10 +118,11 @@ class LoraRegistry:
     """
 
     def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None,
-                 sharding=None):
+                 sharding=None, quantization: str = "none"):
         if max_loras < 1:
             raise AdapterError(f"max_loras={max_loras} must be >= 1 to serve adapters")
         self.cfg, self.max_loras, self.max_rank, self.dtype = cfg, max_loras, max_rank, dtype
+        self.quantization = check_lora_quantization(quantization)  # how added adapters are kept on the host
         self.max_merged = max_merged or 2 * max_loras
         self._shapes = module_shapes(cfg)
         # sharding: module -> (a, b) NamedShardings under tensor parallelism (hyprjax.sharding.
@@ -155,11 +159,16 @@ class LoraRegistry:
         if adapter.name in self._adapters:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
         adapter.check_fits(self.cfg, self.max_rank)
+        stored = quantize_adapter(adapter, self.quantization)  # a copy: the caller's adapter stays float
         with self._lock:
-            self._adapters[adapter.name] = adapter
+            self._adapters[adapter.name] = stored
             self._ids[adapter.name] = next(self._gen)
-        log.info("adapter %r loaded from %s (rank %d, %s)", adapter.name, adapter.path, adapter.rank,
-                 ", ".join(adapter.target_modules))
+        kept = ""
+        if stored is not adapter:
+            kept = (f"; kept as {self.quantization}: {stored.nbytes / 2**20:.2f} MiB, "
+                    f"{(adapter.nbytes - stored.nbytes) / 2**20:.2f} MiB saved")
+        log.info("adapter %r loaded from %s (rank %d, %s%s)", adapter.name, adapter.path, adapter.rank,
+                 ", ".join(adapter.target_modules), kept)
 
     def names(self) -> dict[str, str]:
         """Adapters new requests may use: name -> path. Read from the server's thread too (a copy)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..adapters.quantized import check_lora_quantization
 from ..errors import ConfigError
 from .memory import check_kv_memory
 
@@ -29,6 +30,9 @@ class EngineConfig:
     max_logprobs: int = 20  # top_logprobs at most
     max_loras: int = 0  # LoRA slots on the device (0: no adapters; no LoRA code is compiled)
     max_lora_rank: int = 16  # every slot's rank; adapters of lower rank are zero-padded
+    # how loaded adapters are kept on the host: none (floats) | int8 (a scale per rank vector) |
+    # int4 (a scale per 128 along it); dequantized into the (float) slots (adapters/quantized.py)
+    lora_quantization: str = "none"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size", "block_q",
@@ -48,6 +52,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_loras" else 1):
                 raise ConfigError(f"engine setting {name} must be an integer >= {0 if name == 'max_loras' else 1}, "
                                   f"got {value!r}")
+        check_lora_quantization(self.lora_quantization)
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
         if self.max_num_batched_tokens < self.max_num_seqs:

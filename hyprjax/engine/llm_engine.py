@@ -135,9 +135,10 @@ class LLMEngine:
         self.lora = None
         if ecfg.max_loras:
             self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype,
-                                     sharding=lora_table_sharding(cfg, mesh))
-            log.info("LoRA slot table: %d slots of rank %d (%.1f MiB)", ecfg.max_loras, ecfg.max_lora_rank,
-                     self.lora.nbytes / 2**20)
+                                     sharding=lora_table_sharding(cfg, mesh), quantization=ecfg.lora_quantization)
+            log.info("LoRA slot table: %d slots of rank %d (%.1f MiB); adapters kept on the host as %s",
+                     ecfg.max_loras, ecfg.max_lora_rank, self.lora.nbytes / 2**20,
+                     "floats" if ecfg.lora_quantization == "none" else ecfg.lora_quantization)
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,
                                   backend=self.backend, interpret=interpret, mesh=mesh,
                                   lora_tables=(lambda: self.lora.tables) if self.lora is not None else None)

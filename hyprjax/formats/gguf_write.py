@@ -53,13 +53,15 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], qtype: str) -> Q:
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, Any], *,
                qtype: str = "F32", tokenizer_json: str | os.PathLike | None = None,
                tokenizer_meta: Mapping[str, Any] | None = None, chat_template: str | None = None,
-               progress: bool = False) -> None:
+               progress: bool = False, blocks: Mapping[str, tuple[str, np.ndarray]] | None = None) -> None:
     """Write `tensors` (HF names -> arrays in HF layout [out, in]) as a llama.cpp-loadable GGUF.
 
     2-D weights (token_embd included) are stored as `qtype`; 1-D tensors and norms stay F32.
     Gemma 3 norms get +1, as llama.cpp's converter adds (HF stores them minus 1). The tokenizer
     comes from a byte-level BPE `tokenizer_json`, or ready `tokenizer.*` KVs in `tokenizer_meta`.
     Tensors in `tensors` that the model does not use (e.g. a tied `lm_head.weight`) are ignored.
+    `blocks` (GGUF name -> (type name, stored bytes)) writes those tensors' bytes as given: tests
+    build K-quant files from random blocks this way (the gguf package has no K-quant quantizer).
     """
     if qtype not in QTYPES:
         raise ValueError(f"qtype {qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
@@ -93,7 +95,7 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
     plan = []
     for s in specs:
         shape = tuple(reversed(s.shape)) if s.transpose else tuple(s.shape)  # HF layout
-        qt = tensor_qtype(s.gguf, shape, qtype)
+        qt = Q[blocks[s.gguf][0]] if blocks and s.gguf in blocks else tensor_qtype(s.gguf, shape, qtype)
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt)))
         w.add_tensor_info(s.gguf, gguf.quant_shape_to_byte_shape(shape, qt), np.dtype(np.uint8), nbytes, raw_dtype=qt)
         plan.append((s, shape, qt))
@@ -109,6 +111,13 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
     done = False
     try:
         for s, shape, qt in tqdm(plan, desc=f"writing {Path(path).name}", unit="tensor", disable=not progress):
+            if blocks and s.gguf in blocks:
+                raw = np.asarray(blocks[s.gguf][1], np.uint8).ravel()
+                if raw.size != int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt))):
+                    raise ValueError(f"blocks[{s.gguf!r}] holds {raw.size} bytes, {qt.name} {shape} needs "
+                                     f"{int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt)))}")
+                w.write_tensor_data(raw)
+                continue
             data = np.asarray(tensors[s.hf], dtype=np.float32)
             if data.shape != shape:
                 raise ValueError(f"tensor {s.hf} has shape {data.shape}, config {cfg.arch} needs {shape}")

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import ModelFileError
-from ..model import Model, abstract_model, default_scan_layers
-from ..quant import check_mode, quantize_model, resolve_mode
+from ..model import Model, abstract_model, default_scan_layers, set_quantized
+from ..quant import check_mode, resolve_mode
 from .gguf_read import GGUFFile
+from .load_packed import PACKED_MODES, check_source, is_packed, read_packed, stack_layers
 from .names import TensorSpec, tensor_table
 from .resolve import resolve_model
 from .safetensors_io import SafeTensorsDir
@@ -85,25 +86,27 @@ def load_model(source: str | os.PathLike, *, dtype="float32", progress: bool = T
                quantization: str = "none") -> LoadedModel:
     """Read a model from `source` (directory, .gguf file or hub id) with parameters in `dtype`;
     `scan_layers` None stacks the layers on GPU/TPU only (model.default_scan_layers);
-    `quantization` "int8" keeps the linear layers and embedding in int8, "auto" does so for a
-    quantized GGUF on CPU (hyprjax/quant.py)."""
+    `quantization` packs the linear layers and embedding (hyprjax/quant.py: the modes; "auto"
+    keeps a quantized GGUF's blocks)."""
     check_mode(quantization)  # a bad value fails before the load
     path = resolve_model(source)
     cfg, weights = read_config(path)
     quantization = resolve_mode(quantization, weights)
+    check_source(quantization, weights)
     dtype = jnp.dtype(dtype)
-    model = load_weights(cfg, weights, dtype, progress=progress, scan_layers=scan_layers)
-    quantize_model(model, quantization)
+    model = load_weights(cfg, weights, dtype, progress=progress, scan_layers=scan_layers, quantization=quantization)
     tokenizer = _load_tokenizer(path, weights) if with_tokenizer else None
     return LoadedModel(cfg, model, tokenizer, path, "gguf" if isinstance(weights, GGUFFile) else "safetensors")
 
 
 def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True,
-                 scan_layers: bool | None = None) -> Model:
+                 scan_layers: bool | None = None, quantization: str = "none") -> Model:
     """Fill the model's parameters from an opened SafeTensorsDir or GGUFFile.
 
     With stacked layers a per-layer tensor goes into its row of the [L, ...] parameter, written
     in place into a donated buffer allocated once, so loading holds no second copy of any stack.
+    In a quantized mode the matrices are packed as they are read (formats/load_packed.py) and
+    never exist as floats.
     """
     is_gguf = isinstance(weights, GGUFFile)
     if scan_layers is None:
@@ -113,20 +116,54 @@ def load_weights(cfg: ModelConfig, weights, dtype, *, progress: bool = True,
     specs = tensor_table(cfg)
     total = sum(int(np.prod(s.shape)) for s in specs) * dtype.itemsize
     desc = f"loading {getattr(weights, 'path', '')}".strip()
+    packed: dict[tuple, list] = {}  # parameter path -> [(fmt, q)] (one per layer when stacked)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         for spec in specs:
             _check_tensor(spec, weights, is_gguf)
             stack, path = None, spec.path
             if spec.layer is not None and not scan_layers:
                 path = (path[0], spec.layer, *path[1:])  # ("layers", i, "attn", ...): one array per layer
-            elif spec.layer is not None:
+            if quantization in PACKED_MODES and is_packed(spec):
+                got = _read_packed(spec, weights, cfg, is_gguf, quantization)
+                if got is not None:
+                    packed.setdefault(path, []).append(got)
+                    _set(pure, path, jnp.zeros((0,), dtype))  # replaced by the codes below
+                    bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
+                    continue
+            if spec.layer is not None and scan_layers:
                 stack = _get(pure, path)
                 if not isinstance(stack, jax.Array):  # the abstract leaf: allocate the stack once
                     stack = jnp.zeros((cfg.num_layers, *spec.shape), dtype)
             _set(pure, path, _place(spec, weights, cfg, is_gguf, dtype, stack))
             bar.update(int(np.prod(spec.shape)) * dtype.itemsize)
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    for path, items in packed.items():
+        if scan_layers and path[0] == "layers":
+            if len(items) != cfg.num_layers:
+                raise ModelFileError(f"{getattr(weights, 'path', '')}: {'.'.join(path[1:])} is F32 in some layers "
+                                     f"and packed in others; stacked layers need one layout (--quantization int8)")
+            fmt, q = stack_layers(items)
+        else:
+            fmt, q = items[0]
+        module = model
+        for key in path[:-1]:
+            module = module[key] if isinstance(key, int) else getattr(module, key)
+        set_quantized(module, path[-1], fmt, q)
+    return model
+
+
+def _read_packed(spec: TensorSpec, weights, cfg: ModelConfig, is_gguf: bool, mode: str):
+    """(fmt, q) of a matrix in `mode`, rows as the file stores them ([dout, din]), or None."""
+    name = spec.gguf if is_gguf else spec.hf
+    permuted = is_gguf and gguf_permuted(spec, cfg)
+
+    def read_float(rows):
+        array = weights.get(name, rows)
+        return np.ascontiguousarray(unpermute_rows(array, cfg.head_dim) if permuted else array, np.float32)
+
+    permute = (lambda a: unpermute_rows(np.asarray(a), cfg.head_dim)) if permuted else None
+    return read_packed(spec, weights, cfg, mode, read_float, permute)
 
 
 CHUNK_BYTES = 64 << 20  # tensors above this are read and placed in row chunks
