@@ -29,9 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="parameter dtype; auto = float32 on CPU (fastest there), bfloat16 on GPU/TPU")
     p.add_argument("--quantization", "-q", default="auto", choices=list(MODES),
                    help="weights on the device: none (floats as loaded); int8 (one scale per output "
-                        "channel, 4x less than float32); int4 (a scale per 128 weights, ~7x less); keep "
+                        "channel, 4x less than float32); int4 (an f16 scale and minimum per 32 weights, ~6x less); keep "
                         "(a GGUF's own blocks, Q8_0/Q4_K/Q6_K/..., packed and exact); keep8 (keep with "
-                        "4-bit codes widened to int8: faster on CPU); auto: keep8 on CPU / keep on GPU "
+                        "4-bit codes widened to int8); auto: int8 on CPU (fastest there) / keep on GPU "
                         "for a quantized GGUF, else none")
     p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")

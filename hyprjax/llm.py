@@ -39,8 +39,8 @@ class LLM:
     repeated prompt is otherwise served from the pages its first run left).
     `quantization` is how the linear layers and the embedding sit on the device (hyprjax/quant.py):
     "none" (floats), "int8", "int4" (quantized at load), "keep" (a GGUF's own blocks, exact),
-    "keep8" (keep with 4-bit codes widened to int8, faster on CPU); "auto" (the default) keeps a
-    quantized GGUF's blocks (keep8 on CPU, keep on GPU/TPU) and floats as they are.
+    "keep8" (keep with 4-bit codes widened to int8); "auto" (the default) keeps a quantized GGUF
+    quantized (int8 on CPU, the fastest there; keep on GPU/TPU) and floats as they are.
     `lora_quantization` "int8" or "int4" keeps adapters loaded with `load_lora` quantized on the
     host (a quarter or about an eighth of their float32 bytes; hyprjax/adapters/quantized.py),
     dequantized into their device slot; "none" (the default) keeps them as floats.

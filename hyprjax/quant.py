@@ -5,12 +5,13 @@ Modes (`--quantization`, `hyprjax.LLM(..., quantization=)`):
   * `none`: float weights as loaded.
   * `int8`: every linear layer and the embedding quantized at load, symmetric, one float32 scale
     per output channel (per token for the embedding), as AQT/qwix do for weight-only int8.
-  * `int4`: the same with 4-bit codes and a float32 scale per group of 128 input weights.
+  * `int4`: 4-bit codes with an f16 scale and minimum per group of 32 input weights (the
+    embedding and LM head stay int8; qformat.py has the measurements behind both choices).
   * `keep`: a GGUF's own blocks stay packed on the device (Q8_0, Q4_0, Q4_K, Q6_K, ...), converted
     losslessly to the one layout of hyprjax/qformat.py; F16/BF16 tensors stay half floats.
   * `keep8`: `keep` with 4-bit codes widened to int8 codes (same scales, still exact).
-  * `auto` (the default of LLM and the CLI): on CPU, `keep8` for a file of quantized blocks (the
-    fastest there, below), else `none`; on GPU/TPU, `keep` for a quantized file, else `none`.
+  * `auto` (the default of LLM and the CLI): for a file of quantized blocks, `int8` on CPU (the
+    fastest to decode there: docs/cpu.md, README) and `keep` on GPU/TPU; else `none`.
 
 The layout (hyprjax/qformat.py): a quantized matrix is stored transposed, codes `[dout, din]`,
 with per-group scales. The LM head of a tied model runs from the quantized embedding.
@@ -21,7 +22,8 @@ emits `x @ dequantize(q).T` with one row of `x` as one loop that converts each i
 multiplies its group's scale) as it reads it, so the step reads ~1 byte per weight instead of 4:
 a [3072, 1024] matrix takes 0.25 ms with int8 codes (per-channel or grouped) against 0.41-0.57 ms
 in float32. 4-bit codes do not vectorize in that loop (1.5 ms: XLA emits the nibble unpack per
-element), which is why `auto` widens them to int8 on CPU. With more than one row (batched decode,
+element), and K-quant sub-scales cost a multiply per weight, which is why `auto` picks int8 on
+CPU. With more than one row (batched decode,
 prefill) the same expression would first convert the whole matrix, so `qdot` walks the output
 channels in blocks of ~2M weights (a scan): each block is dequantized into a cache-sized tile and
 multiplied by the library GEMM. For per-channel int8 on CPUs with AMX the tile is bfloat16
@@ -65,11 +67,11 @@ def check_mode(mode: str | None) -> str:
 
 
 def resolve_mode(mode: str, weights) -> str:
-    """`auto` -> the mode for this file here: "keep8" on CPU / "keep" on GPU/TPU when the file's
-    matrices are quantized GGUF blocks (Q8_0, Q4_K, ...), else "none". A quantized file stays
-    quantized instead of growing to float32 (Gemma 3 270M Q4_K_M: 1,022 MiB as float32), exactly
-    (the blocks are converted, not re-quantized). Float files (F16/BF16/F32, SafeTensors) stay
-    float: their numbers are kept exactly."""
+    """`auto` -> the mode for this file here: when the file's matrices are quantized GGUF blocks
+    (Q8_0, Q4_K, ...), "int8" on CPU (re-quantized per channel: the fastest to decode there, 1.5x
+    `keep8` on Q4_K_M, README) and "keep" on GPU/TPU (the blocks themselves, exact); else "none".
+    A quantized file stays quantized instead of growing to float32 (Gemma 3 270M Q4_K_M: 1,022 MiB
+    as float32). Float files (F16/BF16/F32, SafeTensors) stay float: their numbers are kept exactly."""
     mode = check_mode(mode)
     if mode != "auto":
         return mode
@@ -79,7 +81,7 @@ def resolve_mode(mode: str, weights) -> str:
     if not packed:
         mode = "none"
     else:
-        mode = "keep8" if jax.default_backend() == "cpu" else "keep"
+        mode = "int8" if jax.default_backend() == "cpu" else "keep"
     log.info("quantization auto -> %s (%s weights on %s)", mode, "/".join(sorted(packed)) or "float",
              jax.default_backend())
     return mode
@@ -192,7 +194,7 @@ def device_bytes(cfg, mode: str, dtype_bytes: int = 4, weights=None) -> int:
     `dtype_bytes`), from the name table and, for `keep`/`keep8`, one row of each GGUF matrix
     (`weights`): what `hyprjax info --memory` prints. With stacked layers (GPU/TPU) a GGUF that
     mixes block types within one module takes more (formats/load_packed.py: `common`)."""
-    from .formats.load_packed import KEEP_MODES, PACKED_MODES, is_packed
+    from .formats.load_packed import KEEP_MODES, PACKED_MODES, is_packed, matrix_mode
     from .formats.names import tensor_table
     from .qformat import int4_group
 
@@ -208,8 +210,8 @@ def device_bytes(cfg, mode: str, dtype_bytes: int = 4, weights=None) -> int:
         din = n // dout
         if mode in KEEP_MODES:
             total += _kept_bytes(weights, spec.gguf, dout, din, mode, dtype_bytes)
-        elif mode == "int4" and int4_group(din):
-            total += n // 2 + 4 * dout * (din // int4_group(din))
+        elif matrix_mode(spec, mode) == "int4" and int4_group(din):
+            total += n // 2 + 4 * dout * (din // int4_group(din))  # f16 scale and min per group
         else:
             total += n + 4 * dout
     return total
@@ -237,8 +239,8 @@ def quantize_model(model, mode: str) -> None:
     if mode not in ("int8", "int4"):
         raise HyprjaxError(f"quantize_model: mode {mode!r} (int8 or int4)")
     linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, Linear) and node.qfmt is None]
-    for module in linears:
-        fmt, q = quantize_rows(jnp.swapaxes(module.kernel[...], -1, -2), mode)
+    for module in linears:  # under int4 the LM head and embedding stay int8 (qformat.py)
+        fmt, q = quantize_rows(jnp.swapaxes(module.kernel[...], -1, -2), "int8" if module is model.lm_head else mode)
         set_quantized(module, "kernel", fmt, q)
-    fmt, q = quantize_rows(model.embed.embedding[...], mode)
+    fmt, q = quantize_rows(model.embed.embedding[...], "int8")
     set_quantized(model.embed, "embedding", fmt, q)

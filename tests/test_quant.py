@@ -1,9 +1,10 @@
 """Quantized weights (hyprjax/quant.py, qformat.py): the packed matmul against its dequantized
 reference, and quantized models against transformers running the same quantized values.
 
-The reference quantizers here are written independently in numpy: symmetric, round half to
-even; int8 with one scale per output channel (max |w| / 127), int4 with one per group of input
-weights (max |w| / 7). transformers then runs those dequantized weights in float32, so our model
+The reference quantizers (tests/quant_reference.py) are written independently in numpy: int8
+symmetric with one scale per output channel, int4 asymmetric with an f16 scale and minimum per
+32 input weights; under int4 the embedding and LM head stay int8. transformers then runs those
+dequantized weights in float32, so our model
 must give its logits within float rounding (atol 1e-4, as test_model.py) and greedy tokens
 exactly. `keep` is checked against the dequantize-at-load path (`none`) on the same GGUF file,
 whose dequantizer is the gguf package's.
@@ -29,6 +30,7 @@ from hyprjax.formats.gguf_blocks import to_packed
 from hyprjax.formats.load import load_model
 from hyprjax.qformat import QFormat, int4_group, pack_nibbles, quantize_rows
 from hyprjax.sampling import SamplingParams
+from tests.quant_reference import fake_quant
 from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 
 ATOL = 1e-4
@@ -36,12 +38,8 @@ PROMPT = [5, 17, 33, 2, 250, 9, 11, 64, 31]
 
 
 def _np_quantize(w: np.ndarray, mode: str = "int8") -> np.ndarray:
-    """w [out, in] -> its quantized values dequantized (the reference quantizers)."""
-    group, top = (w.shape[1], 127) if mode == "int8" or int4_group(w.shape[1]) is None else (int4_group(w.shape[1]), 7)
-    wg = w.reshape(w.shape[0], -1, group)
-    amax = np.abs(wg).max(axis=2, keepdims=True)
-    scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
-    return (np.clip(np.round(wg / scale), -top, top) * scale).astype(np.float32).reshape(w.shape)
+    """w [out, in] -> its quantized values dequantized (tests/quant_reference.py)."""
+    return fake_quant(w, mode)
 
 
 def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
@@ -92,12 +90,13 @@ def test_qdot_equals_the_dequantized_matmul(kind, rows, bf16, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
-def test_int4_packs_two_codes_a_byte_with_a_scale_per_128():
+def test_int4_packs_two_codes_a_byte_with_a_scale_and_min_per_32():
     w = np.random.default_rng(2).standard_normal((8, 512)).astype(np.float32)
     fmt, q = quantize_rows(jnp.asarray(w), "int4")
-    assert (fmt.bits, fmt.group, fmt.zero) == (4, 128, 8)
-    assert q["codes"].shape == (8, 256) and q["codes"].dtype == jnp.uint8 and q["scale"].shape == (8, 4)
-    assert int4_group(576) == 96 and int4_group(112) is None  # SmolLM2's width; a width int4 cannot pack
+    assert (fmt.bits, fmt.group, fmt.zero) == (4, 32, 0)
+    assert q["codes"].shape == (8, 256) and q["codes"].dtype == jnp.uint8
+    assert q["scale"].shape == q["min"].shape == (8, 16) and q["scale"].dtype == jnp.float16
+    assert int4_group(576) == 32 and int4_group(112) is None  # SmolLM2's width; a width int4 cannot pack
     assert quantize_rows(jnp.asarray(w[:, :112]), "int4")[0].bits == 8  # such a matrix stays int8
     codes = np.random.default_rng(3).integers(0, 16, (4, 64))
     packed = pack_nibbles(codes)
@@ -135,15 +134,18 @@ def test_an_unknown_mode_is_refused_by_name(tmp_path):
 
 
 def _fake_quantize(hf, mode: str) -> None:
-    """Replace every linear weight and the embedding of a transformers model by its quantized values."""
+    """Replace every linear weight and the embedding of a transformers model by its quantized
+    values (the embedding and LM head int8 whatever the mode)."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.ndim == 2:  # nn.Linear [out, in] and nn.Embedding [vocab, hidden]: rows are channels
-                p.copy_(torch.from_numpy(_np_quantize(p.numpy(), mode)))
+                head = "embed_tokens" in name or "lm_head" in name
+                p.copy_(torch.from_numpy(_np_quantize(p.numpy(), "int8" if head else mode)))
 
 
 CASES = [("int8", "qwen3", {}), ("int8", "qwen3", dict(tie_word_embeddings=False)), ("int8", "gemma3", {}),
-         ("int4", "qwen3", dict(intermediate_size=128)), ("int4", "gemma3", dict(intermediate_size=128))]
+         ("int4", "qwen3", dict(intermediate_size=128, tie_word_embeddings=False)),
+         ("int4", "gemma3", dict(intermediate_size=128))]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["int8-qwen3-tied", "int8-qwen3-untied", "int8-gemma3",
@@ -164,10 +166,11 @@ def test_quantized_weights_stay_packed_on_the_device(pair):
     codes = attn.q_proj.kernel[...]
     if mode == "int8":
         assert codes.dtype == jnp.int8 and codes.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        assert attn.q_proj.qscale[...].dtype == jnp.float32
     else:
         assert codes.dtype == jnp.uint8 and codes.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size // 2)
-    assert attn.q_proj.qscale[...].dtype == jnp.float32
-    assert ours.model.embed.qfmt.name == mode
+        assert attn.q_proj.qscale[...].dtype == attn.q_proj.qmin[...].dtype == jnp.float16
+    assert ours.model.embed.qfmt.name == "int8"  # int8 under int4 too
     assert ours.model.compute_dtype == jnp.float32
 
 
@@ -246,17 +249,15 @@ def test_keep_equals_dequantize_at_load(qtype, blocks, tmp_path):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * max(scale, 1.0))
 
 
-@pytest.mark.parametrize("qtype,want", [("Q8_0", "keep8"), ("Q4_0", "keep8"), ("F16", "none")])
-def test_auto_keeps_a_quantized_gguf_packed_on_cpu(qtype, want, tmp_path):
-    """`auto` (the default of LLM and the CLI): the file's blocks for a quantized file on CPU
-    (4-bit codes widened to int8: the fast layout there), float weights for a float file;
-    `load_model`'s own default stays "none"."""
+@pytest.mark.parametrize("qtype,want", [("Q8_0", "int8"), ("Q4_0", "int8"), ("F16", "none")])
+def test_auto_keeps_a_quantized_gguf_quantized_on_cpu(qtype, want, tmp_path):
+    """`auto` (the default of LLM and the CLI): int8 for a file of quantized blocks on CPU (the
+    fastest to decode there), float weights for a float file; `load_model`'s own default stays
+    "none"."""
     path = _gguf_of(tmp_path, qtype)
     auto = load_model(path, with_tokenizer=False, progress=False, quantization="auto").model
     plain = load_model(path, with_tokenizer=False, progress=False).model
-    assert (getattr(auto.embed, "qfmt", None) is not None) == (want == "keep8")
-    if want == "keep8":
-        assert auto.embed.embedding[...].dtype == jnp.int8  # Q4_0's nibbles widened
+    assert getattr(auto.embed, "qfmt", None) == (QFormat(bits=8, group=256, name="int8") if want == "int8" else None)
     assert plain.embed.embedding[...].dtype == jnp.float32
 
 
@@ -286,10 +287,9 @@ def test_info_memory_prints_each_mode(tmp_path, capsys):
     assert info["quantization auto"] == "none"  # a float (SafeTensors) model stays float
 
 
-def test_stacked_layers_mixing_block_types_share_one_exact_layout(tmp_path):
-    """GPU/TPU stack every layer's matrix in one array. A file whose ffn_down is Q6_K in one layer
-    and Q4_K in the other (as Q4_K_M files are) loads under `keep` with stacked layers into one
-    common layout, and still gives the logits of the dequantize-at-load path."""
+def _mixed_gguf(tmp_path):
+    """A tiny Qwen3 GGUF of random K-quant blocks whose ffn_down is Q6_K in layer 0 and Q4_K in
+    layer 1 (as Q4_K_M files mix them), the embedding Q6_K."""
     from hyprjax.formats.gguf_write import write_gguf
     from hyprjax.formats.names import tensor_table
 
@@ -305,6 +305,14 @@ def test_stacked_layers_mixing_block_types_share_one_exact_layout(tmp_path):
             blocks[spec.gguf] = (kind, random_blocks(kind, rows, cols, rng))
     path = tmp_path / "mixed.gguf"
     write_gguf(path, st.cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, blocks=blocks)
+    return path
+
+
+def test_stacked_layers_mixing_block_types_share_one_exact_layout(tmp_path):
+    """GPU/TPU stack every layer's matrix in one array: the mixed file loads under `keep` with
+    stacked layers into one common layout per module, and still gives the logits of the
+    dequantize-at-load path."""
+    path = _mixed_gguf(tmp_path)
     tokens = jnp.asarray([PROMPT], jnp.int32)
     positions = jnp.arange(len(PROMPT), dtype=jnp.int32)[None]
     want, _ = load_model(path, with_tokenizer=False, progress=False).model(tokens, positions)
@@ -315,3 +323,23 @@ def test_stacked_layers_mixing_block_types_share_one_exact_layout(tmp_path):
     got, _ = model(tokens, positions)
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * max(scale, 1.0))
+
+
+def test_engine_runs_layers_of_different_types(tmp_path):
+    """The CPU engine runs one program per layer structure: on the mixed file, `keep` gives the
+    greedy tokens of the float model (layer 0's ffn_down Q6_K, layer 1's Q4_K, each its own)."""
+    path = _mixed_gguf(tmp_path)
+    got = {}
+    for mode in ("none", "keep"):
+        lm = load_model(path, with_tokenizer=False, progress=False, quantization=mode)
+        if mode == "keep":
+            assert lm.model.layers[0].mlp.down_proj.qfmt.name == "Q6_K"
+            assert lm.model.layers[1].mlp.down_proj.qfmt.name == "Q4_K"
+        eng = LLMEngine(lm.model, lm.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4), warmup=False,
+                        progress=False)
+        eng.add_request(PROMPT, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        got[mode] = []
+        while eng.has_unfinished():
+            for out in eng.step():
+                got[mode] += out.new_token_ids
+    assert got["keep"] == got["none"]

@@ -3,14 +3,14 @@
 Each module's factors are quantized as rows of rank vectors, the layout hyprjax/qformat.py
 quantizes a weight's output channels in: `a` as its transpose a.T f[r, din] (PEFT's own
 `lora_A.weight`) and `b` f[r, dout] as it is, so every rank vector has its own scale. int8 is
-one scale per rank vector; int4 a scale per group of up to 128 along it, and a width that is no
-multiple of 32 stays int8 (qformat.int4_group). A QuantizedLoraModule answers `a`, `b`, `rank`,
+one scale per rank vector; int4 an f16 scale and minimum per group of 32 along it, and a width
+that is no multiple of 32 stays int8 (qformat.int4_group). A QuantizedLoraModule answers `a`, `b`, `rank`,
 `delta()` like a LoraModule, dequantizing on each read, so the slot writer (registry.py) and the
 merges (merge.py) read it unchanged; only `nbytes` differs: the packed codes and scales.
 
 Dequantizing runs in numpy: the adapters live on the host, and a slot write should not send
 every factor to the accelerator and back. `dequantize_host` is qformat.dequantize's arithmetic
-for the formats made here (no sub-scales or minimums), tested equal to it.
+for the formats made here (no sub-scales), tested equal to it.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ class QuantizedRows:
 
     fmt: QFormat
     codes: np.ndarray  # i8[rows, width] (int8) or u8[rows, width // 2] (int4, packed)
-    scale: np.ndarray  # f32[rows, width // fmt.group]
+    scale: np.ndarray  # [rows, width // fmt.group]: f32 (int8) or f16 (int4)
+    low: np.ndarray | None = None  # f16[rows, width // 32]: int4's minimum per group
 
     @classmethod
     def quantize(cls, w: np.ndarray, mode: str) -> QuantizedRows:
         fmt, q = quantize_rows(w, mode)
-        return cls(fmt, np.asarray(q["codes"]), np.asarray(q["scale"], np.float32))
+        low = q.get("min")
+        return cls(fmt, np.asarray(q["codes"]), np.asarray(q["scale"]), None if low is None else np.asarray(low))
 
     def dequantize(self) -> np.ndarray:
-        return dequantize_host(self.fmt, self.codes, self.scale)
+        return dequantize_host(self.fmt, self.codes, self.scale, self.low)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,15 +57,18 @@ class QuantizedRows:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
+        return self.codes.nbytes + self.scale.nbytes + (0 if self.low is None else self.low.nbytes)
 
 
-def dequantize_host(fmt: QFormat, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """f32[rows, width] from codes and one scale per group (qformat.dequantize, in numpy)."""
+def dequantize_host(fmt: QFormat, codes: np.ndarray, scale: np.ndarray, low: np.ndarray | None = None) -> np.ndarray:
+    """f32[rows, width] from codes, a scale and (int4) a minimum per group (qformat.dequantize, in numpy)."""
     assert fmt.ratio == 1 and fmt.bits in (4, 8), f"not a format quantize_rows makes: {fmt}"
     v = values(fmt, codes).astype(np.float32)
     rows, width = v.shape
-    return (v.reshape(rows, width // fmt.group, fmt.group) * scale[..., None]).reshape(rows, width)
+    w = v.reshape(rows, width // fmt.group, fmt.group) * scale.astype(np.float32)[..., None]
+    if low is not None:
+        w = w + low.astype(np.float32)[..., None]
+    return w.reshape(rows, width)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ kernels. Measured (Qwen3-0.6B shape cut to 18 layers, 2-core EPYC, jax 0.10.2): 
 and ~3-6 s of compilation per fused bucket, ~1,000 kernels each; the 18 start-up buckets of the
 default model held 2.6-3.1 GB. (The scan that would share the kernels copies every layer's
 weights on XLA:CPU: docs/engine.md.) The layer program is the same for every layer, so a bucket
-compiles one layer's kernels. The price is L + 2 dispatches per step instead of one; XLA:CPU
+compiles one layer's kernels (one per distinct layer structure: quantized files may mix types). The price is L + 2 dispatches per step instead of one; XLA:CPU
 runs them asynchronously, so Python enqueues layer i+1 while layer i computes, and the numbers
 are in docs/engine.md.
 
@@ -113,8 +113,10 @@ class LayerwiseGraph:
     """The static half of a layer-wise model (hashable: equal models share compiled programs)."""
 
     shell: Any  # nnx.GraphDef of the model without its layers (embedding, final norm, LM head)
-    block: Any  # nnx.GraphDef of one decoder layer (all layers share it)
-    treedef: Any  # PyTreeDef of one layer's weights
+    # (nnx.GraphDef, PyTreeDef of its weights) of each distinct layer structure: one for a float
+    # model; more when quantized layers differ (a Q4_K_M file keeps some layers' ffn_down in Q6_K)
+    blocks: tuple
+    kinds: tuple[int, ...]  # which of `blocks` each layer is
     cfg: ModelConfig
 
 
@@ -124,31 +126,35 @@ class LayerwiseState:
     """The arrays of a layer-wise model: shell weights, each layer's weights and per-layer data."""
 
     shell: Any  # nnx.State
-    layers: list  # [L] each a list of the layer's weight arrays (in `treedef`'s order)
+    layers: list  # [L] each a list of the layer's weight arrays (in its treedef's order)
     data: list  # [L] each (index i32[], that layer's `layer_data` row)
-    treedef: Any = field(default=None, metadata=dict(static=True))  # one layer's nnx.State structure
+    treedefs: tuple = field(default=(), metadata=dict(static=True))  # [L] each layer's nnx.State structure
 
     def layer_state(self, i: int):
         """Layer i's weights as an nnx.State (the arrays the step uses, not copies)."""
-        return jax.tree.unflatten(self.treedef, self.layers[i])
+        return jax.tree.unflatten(self.treedefs[i], self.layers[i])
 
 
 def split_layerwise(graphdef, state, cfg: ModelConfig, replicated=None) -> tuple[LayerwiseGraph, LayerwiseState]:
     """Split a model with one array per layer (`nnx.List` layers) into shell and layers; the
     arrays are shared, not copied. `replicated`: the mesh's replicated sharding, if any."""
     model = nnx.merge(graphdef, state)  # a new module tree over the same arrays
-    blocks = list(model.layers)
-    layers, treedef = [], None
-    for block in blocks:
+    layers, treedefs, kinds, blocks = [], [], [], []
+    for block in model.layers:
         leaves, treedef = jax.tree.flatten(nnx.state(block))
+        kind = (nnx.graphdef(block), treedef)
+        if kind not in blocks:
+            blocks.append(kind)
         layers.append(leaves)
-    block_def = nnx.graphdef(blocks[0])
+        treedefs.append(treedef)
+        kinds.append(blocks.index(kind))
     model.layers = nnx.List([])
     shell_def, shell = nnx.split(model)
     rows = layer_data(cfg)
     put = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jax.device_put
     data = [(put(np.int32(i)), {k: put(v[i]) for k, v in rows.items()}) for i in range(cfg.num_layers)]
-    return LayerwiseGraph(shell_def, block_def, treedef, cfg), LayerwiseState(shell, layers, data, treedef)
+    return (LayerwiseGraph(shell_def, tuple(blocks), tuple(kinds), cfg),
+            LayerwiseState(shell, layers, data, tuple(treedefs)))
 
 
 @lru_cache(maxsize=None)
@@ -163,8 +169,9 @@ def _programs(graph: LayerwiseGraph, max_logprobs: int, shardings):
     def embed(shell, tokens):
         return pin_x(nnx.merge(graph.shell, shell).embed_tokens(tokens[None]))
 
-    def layer(leaves, x, positions, data, cache, meta: PagedMeta, lora: LoraStep | None, logit_index):
-        block = nnx.merge(graph.block, jax.tree.unflatten(graph.treedef, leaves))
+    def layer(block_def, treedef, leaves, x, positions, data, cache, meta: PagedMeta, lora: LoraStep | None,
+              logit_index):
+        block = nnx.merge(block_def, jax.tree.unflatten(treedef, leaves))
         adapter = None if lora is None else PagedLora(lora, meta)
         index, row = data
         x, cache = run_layer(graph.cfg, block, x, positions[None], index, row, attention=PagedAttention(meta),
@@ -178,7 +185,8 @@ def _programs(graph: LayerwiseGraph, max_logprobs: int, shardings):
         logits = nnx.merge(graph.shell, shell).logits(rows)[0]
         return _finish(logits, counts, seen, inp, sampling, max_logprobs=max_logprobs, shardings=shardings)
 
-    return (jax.jit(embed), jax.jit(layer, donate_argnums=(1, 4)), jax.jit(head, donate_argnums=(2, 3)))
+    layers = tuple(jax.jit(partial(layer, *kind), donate_argnums=(1, 4)) for kind in graph.blocks)
+    return jax.jit(embed), layers, jax.jit(head, donate_argnums=(2, 3))
 
 
 def layerwise_step(graph: LayerwiseGraph, *, max_logprobs: int, shardings=None):
@@ -188,8 +196,8 @@ def layerwise_step(graph: LayerwiseGraph, *, max_logprobs: int, shardings=None):
 
     def step(state: LayerwiseState, cache, counts, seen, inp: StepInputs, sampling, lora):
         x = embed(state.shell, inp.tokens)
-        for leaves, data in zip(state.layers, state.data):
-            x, rows, cache = layer(leaves, x, inp.positions, data, cache, inp.meta, lora, inp.logit_index)
+        for kind, leaves, data in zip(graph.kinds, state.layers, state.data):
+            x, rows, cache = layer[kind](leaves, x, inp.positions, data, cache, inp.meta, lora, inp.logit_index)
         *out, counts, seen = head(state.shell, rows, counts, seen, inp, sampling)
         return (*out, cache, counts, seen)
 

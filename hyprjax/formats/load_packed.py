@@ -34,6 +34,14 @@ def is_packed(spec: TensorSpec) -> bool:
     return len(spec.shape) == 2 and spec.path[-1] in ("kernel", "embedding")
 
 
+def matrix_mode(spec: TensorSpec, mode: str) -> str:
+    """The mode a matrix is quantized to: under int4 the embedding and the LM head stay int8
+    (qformat.py: the measurements behind it)."""
+    if mode == "int4" and spec.path[0] in ("embed", "lm_head"):
+        return "int8"
+    return mode
+
+
 def check_source(mode: str, weights) -> None:
     if mode in KEEP_MODES and not isinstance(weights, GGUFFile):
         raise HyprjaxError(f"quantization={mode!r} keeps a GGUF file's own blocks; this model is SafeTensors: "
@@ -69,7 +77,7 @@ def read_packed(spec: TensorSpec, weights, cfg: ModelConfig, mode: str, read_flo
                 q = {k: permute(v) for k, v in q.items()}
             q = {k: jax.device_put(v) for k, v in q.items()}
         else:
-            fmt, q = quantize_rows(jax.device_put(read_float(rows)), mode)
+            fmt, q = quantize_rows(jax.device_put(read_float(rows)), matrix_mode(spec, mode))
         parts.append((fmt, q))
     fmt = parts[0][0]
     if any(f != fmt for f, _ in parts):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.adapters.peft_models import make_peft_adapter, paged_logits, peft_logits, torch
+from tests.quant_reference import fake_quant
 from tests.tiny_models import hf_greedy, make_hf_model
 from hyprjax.adapters.load import read_adapter
 from hyprjax.adapters.lora import LoraAdapter, LoraModule
@@ -29,22 +30,13 @@ ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=64, max_prefill_seqs=2, pag
 
 
 def ref_fake_quant(w: np.ndarray, mode: str) -> np.ndarray:
-    """Each row of w f[rows, width] quantized and back, written from the spec alone: symmetric,
-    round-half-even; int8 max|row| / 127 per row; int4 max|group| / 7 per group of 128 (or the
-    largest multiple of 32 below it that divides the width), int8 when the width is no multiple of 32."""
-    w = np.asarray(w, np.float32)
-    rows, width = w.shape
-    group = next((g for g in (128, 96, 64, 32) if width % g == 0), None) if mode == "int4" else None
-    qmax, group = (127, width) if group is None else (7, group)
-    g = w.reshape(rows, width // group, group)
-    s = np.abs(g).max(axis=-1, keepdims=True) / np.float32(qmax)
-    s = np.where(s > 0, s, np.float32(1))
-    return (np.clip(np.round(g / s), -qmax, qmax) * s).astype(np.float32).reshape(rows, width)
+    """Each row of w quantized and back by the spec-only reference (tests/quant_reference.py)."""
+    return fake_quant(w, mode)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny Qwen3 (widths 64, 96, 48 and 112: int4 groups of 64 and 96 and the int8 fallback),
+    """A tiny Qwen3 (widths 64, 96, 48 and 112: int4 groups of 32 and the int8 fallback),
     one PEFT adapter on all seven modules, and our read of it."""
     d = tmp_path_factory.mktemp("qlora")
     hf = make_hf_model(d / "base", "qwen3", vocab_size=400)
@@ -142,13 +134,15 @@ def test_merges_read_the_dequantized_factors(world):
 def test_host_dequantize_equals_qformat_dequantize(mode, width):
     w = np.random.default_rng(width).normal(size=(8, width)).astype(np.float32)
     fmt, q = quantize_rows(w, mode)
-    host = dequantize_host(fmt, np.asarray(q["codes"]), np.asarray(q["scale"]))
+    low = q.get("min")
+    host = dequantize_host(fmt, np.asarray(q["codes"]), np.asarray(q["scale"]), None if low is None else np.asarray(low))
     np.testing.assert_array_equal(host, np.asarray(dequantize(fmt, q)))
     np.testing.assert_allclose(host, ref_fake_quant(w, mode), rtol=1e-6, atol=0)
 
 
 def test_nbytes_are_the_packed_bytes():
-    """int8: a quarter of float32 plus a scale per rank vector; int4: an eighth plus a scale per 128."""
+    """int8: a quarter of float32 plus a scale per rank vector; int4: an eighth plus an f16 scale
+    and minimum per 32."""
     rng = np.random.default_rng(0)
     r, din, dout, n = 8, 256, 512, 3
     adapter = LoraAdapter("x", "", {(i, "up_proj"): LoraModule(rng.normal(size=(din, r)).astype(np.float32),
@@ -158,8 +152,8 @@ def test_nbytes_are_the_packed_bytes():
     assert adapter.nbytes == floats
     int8, int4 = quantize_adapter(adapter, "int8"), quantize_adapter(adapter, "int4")
     assert int8.nbytes == n * (r * (din + dout) + 2 * r * 4)
-    assert int4.nbytes == n * (r * (din + dout) // 2 + r * (din + dout) // 128 * 4)
-    assert 0.25 < int8.nbytes / floats < 0.26 and 0.125 < int4.nbytes / floats < 0.135
+    assert int4.nbytes == n * (r * (din + dout) // 2 + r * (din + dout) // 32 * 4)
+    assert 0.25 < int8.nbytes / floats < 0.26 and 0.125 < int4.nbytes / floats < 0.16
     assert quantize_adapter(adapter, "none") is adapter
     assert int4.rank == r and int4.target_modules == ["up_proj"]
 
