@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from perplexity import english_text  # noqa: E402
 
-from hyprjax.default_model import named_model_path  # noqa: E402
+from hyprjax.default_model import default_model_path  # noqa: E402
 from hyprjax.formats.load import load_model  # noqa: E402
 from hyprjax.model import Linear  # noqa: E402
 from hyprjax.tokenizer import Tokenizer  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--out", default=str(HERE / "results" / "int4_choices.json"))
     args = ap.parse_args(argv)
-    path = str(args.model or named_model_path(None))
+    path = str(args.model or default_model_path())
     ids = Tokenizer.from_gguf_file(path).encode(english_text())[:args.tokens]
     rows = [dict(scheme="float32 (the file's weights)", perplexity=perplexity(load_model(path, progress=False,
                                                                                             with_tokenizer=False).model, ids))]
