@@ -108,9 +108,9 @@ def test_cli_flags():
 
 # ---- sharded runs on forced host devices ------------------------------------------------------------
 
-XLA_CASES = ["qwen3-kv4", "qwen3-kv2", "gemma3-kv4", "gemma3-kv1", "qwen3-kv4-int8", "qwen3-kv4-int4"]
+XLA_CASES = ["qwen3-kv4", "qwen3-kv2", "gemma3-kv4", "gemma3-kv1", "qwen3-kv4-int8", "qwen3-kv4-int4", "qwen3-kv4-keep"]
 PALLAS_CASES = ["pallas-qwen3-kv4", "pallas-gemma3-kv2"]
-KV_SHARDED = {"qwen3-kv4", "gemma3-kv4", "pallas-qwen3-kv4", "qwen3-kv4-int8", "qwen3-kv4-int4"}
+KV_SHARDED = {"qwen3-kv4", "gemma3-kv4", "pallas-qwen3-kv4", "qwen3-kv4-int8", "qwen3-kv4-int4", "qwen3-kv4-keep"}
 
 
 def _env(devices: int) -> dict:
@@ -151,7 +151,7 @@ def test_sharded_engine_equals_one_device(tp_results, case):
         assert "'tp'" in r["kv_spec"] and "'tp'" in r["k_kernel_spec"] and r["kernel_heads"] == "tp"
     else:  # fewer kv heads than devices: k/v and the pool replicated, the attention kernel run whole
         assert "'tp'" not in r["kv_spec"] and "'tp'" not in r["k_kernel_spec"] and r["kernel_heads"] is None
-    if case.endswith(("int8", "int4")):  # codes [dout, din] on the device (reported as [din, dout] above),
+    if case.endswith(("int8", "int4", "keep")):  # codes [dout, din] on the device (reported as [din, dout] above),
         # scales [dout, groups] split with the output channels; one group per row (o_proj) stays whole
         assert r["q_scale_spec"] == "('tp', None)" and r["o_scale_spec"] == "(None, None)"
         assert r["embed_scale_spec"] in ("P('tp', None)", "P('tp',)")

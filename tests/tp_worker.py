@@ -45,6 +45,9 @@ CASES = {
     "qwen3-kv4-int8": dict(arch="qwen3", model=dict(num_key_value_heads=4), backend="xla", quantization="int8"),
     "qwen3-kv4-int4": dict(arch="qwen3", model=dict(num_key_value_heads=4, intermediate_size=128), backend="xla",
                            quantization="int4"),
+    # a GGUF's Q8_0 blocks kept packed (codes + f16 scale per 32), loaded from a file written here
+    "qwen3-kv4-keep": dict(arch="qwen3", model=dict(num_key_value_heads=4, intermediate_size=128), backend="xla",
+                           quantization="keep", gguf="Q8_0"),
     "pallas-qwen3-kv4": dict(arch="qwen3", model=dict(num_key_value_heads=4, head_dim=32), backend="pallas"),
     "pallas-gemma3-kv2": dict(arch="gemma3", model=dict(num_key_value_heads=2), backend="pallas"),  # kv replicated
 }
@@ -126,8 +129,14 @@ def run_case(name: str, tmp: str) -> dict:
     case = CASES[name]
     hf = make_hf_model(f"{tmp}/{name}", case["arch"], seed=0, **case["model"])
     make_peft_adapter(hf, f"{tmp}/{name}-lora", seed=1, r=8)
-    lm = load_model(f"{tmp}/{name}", with_tokenizer=False, progress=False,
-                    quantization=case.get("quantization", "none"))
+    source = f"{tmp}/{name}"
+    if case.get("gguf"):
+        from hyprjax.formats.gguf_write import write_gguf
+
+        cfg = load_model(source, with_tokenizer=False, progress=False).cfg
+        source = f"{tmp}/{name}.gguf"
+        write_gguf(source, cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, qtype=case["gguf"])
+    lm = load_model(source, with_tokenizer=False, progress=False, quantization=case.get("quantization", "none"))
     mesh = make_mesh(TP)
     ecfg = EngineConfig(attention_backend=case["backend"], **ENGINE)
     interpret = case["backend"] == "pallas"
