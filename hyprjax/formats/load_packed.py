@@ -21,6 +21,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import HyprjaxError
 from ..qformat import QFormat, group_scales, quantize_rows, values
+from .gguf_blocks import to_packed
 from .gguf_read import GGUFFile
 from .names import TensorSpec
 
@@ -58,18 +59,14 @@ def read_packed(spec: TensorSpec, weights, cfg: ModelConfig, mode: str, read_flo
     step = max(1, CHUNK_WEIGHTS // din)
     if permute is not None and step < rows_total:
         step = max(cfg.head_dim, step - step % cfg.head_dim)
+    kind = weights.type_name(spec.gguf) if mode in KEEP_MODES else None
+    if kind == "F32":
+        return None
     parts = []
     for r0 in range(0, rows_total, step):
         rows = (r0, min(rows_total, r0 + step))
-        if mode in KEEP_MODES:
-            from .gguf_blocks import to_packed
-
-            name = spec.gguf
-            if weights.type_name(name) == "F32":
-                return None
-            fmt, q = to_packed(weights.type_name(name), weights.raw(name, rows), (rows[1] - rows[0], din))
-            if fmt.bits == 16:  # half floats: a unit scale marks them as a quantized (transposed) matrix
-                q["scale"] = np.ones((rows[1] - rows[0], 1), np.float32)
+        if kind is not None:  # F16/BF16 come with a unit scale: the marker of a transposed matrix
+            fmt, q = to_packed(kind, weights.raw(spec.gguf, rows), (rows[1] - rows[0], din))
             if mode == "keep8":
                 fmt, q = widen(fmt, q)
             q = {k: v for k, v in q.items() if v is not None}
