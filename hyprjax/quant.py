@@ -226,7 +226,7 @@ def _kept_bytes(weights, name: str, dout: int, din: int, mode: str, dtype_bytes:
     fmt, q = to_packed(weights.type_name(name), weights.raw(name, (0, 1)), (1, din))
     if mode == "keep8":
         fmt, q = widen(fmt, q)
-    row = sum(np.asarray(v).nbytes for v in q.values() if v is not None) + (4 if fmt.bits == 16 else 0)
+    row = sum(np.asarray(v).nbytes for v in q.values() if v is not None)
     return dout * row
 
 

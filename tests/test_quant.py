@@ -275,6 +275,10 @@ def test_keep_device_bytes_match_the_loaded_arrays(tmp_path):
         assert quant.device_bytes(cfg, mode, weights=GGUFFile(path)) == loaded
     per_weight = quant.device_bytes(cfg, "keep", weights=weights)
     assert per_weight < quant.device_bytes(cfg, "keep8", weights=weights) < quant.device_bytes(cfg, "none")
+    half = _gguf_of(tmp_path / "f16", "F16")  # half floats and their unit scales, counted once
+    model = load_model(half, with_tokenizer=False, progress=False, quantization="keep").model
+    cfg, weights = read_config(half)
+    assert quant.device_bytes(cfg, "keep", weights=weights) == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
 def test_info_memory_prints_each_mode(tmp_path, capsys):
