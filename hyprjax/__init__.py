@@ -10,6 +10,8 @@ from .errors import HyprjaxError
 from .generate import Completion
 from .llm import LLM
 from .sampling import SamplingParams
+from .training import train
 
-__all__ = ["LLM", "SamplingParams", "LoraRequest", "Completion", "ModelConfig", "RopeScaling", "PRESETS", "HyprjaxError"]
+__all__ = ["LLM", "SamplingParams", "LoraRequest", "Completion", "ModelConfig", "RopeScaling", "PRESETS", "HyprjaxError",
+           "train"]
 __version__ = "0.1.0"

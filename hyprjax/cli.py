@@ -1,4 +1,4 @@
-"""The `hyprjax` command: info, generate, chat, serve, models, pull.
+"""The `hyprjax` command: info, generate, chat, serve, train, models, pull.
 
 Bad input (files, configs, flags, prompts) ends with one line on stderr and exit code 2, never
 a traceback; `--debug` shows the traceback for bug reports.
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(p)
 
+    _add_train_parser(sub)
+
     p = sub.add_parser("models", help="list the models hyprjax knows by name and whether they are on disk")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -105,6 +107,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="Qwen3 enable_thinking=False")
     _add_sampling_args(p, max_tokens=1024)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .adapters.lora import MODULES
+
+    p = sub.add_parser("train", help="train a LoRA adapter on JSONL data (the base model stays frozen)",
+                       description="Train an adapter over a frozen base model. Writes OUT/adapter (PEFT; "
+                       "serve it with --lora NAME=OUT/adapter), OUT/adapter.gguf (llama.cpp), "
+                       "OUT/metrics.jsonl and orbax checkpoints in OUT/checkpoints.")
+    p.add_argument("model", nargs="?", help="the base model: a HF directory, a .gguf file or a known name "
+                   "(default: the default model)")
+    p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
+    p.add_argument("--data", required=True, metavar="FILE", help='JSONL training data, one object a line: '
+                   '{"messages": [...]} (loss on assistant turns), {"prompt", "completion"} (loss on the '
+                   'completion) or {"text"}')
+    p.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL data: eval loss in metrics.jsonl")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--adapter", default="lora", choices=["lora"], help="adapter kind")
+    p.add_argument("--rank", type=positive_int, default=16, metavar="R", help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: scale 2)")
+    p.add_argument("--target-modules", nargs="+", default=list(MODULES), metavar="MODULE", choices=list(MODULES),
+                   help="modules to adapt (default: all seven linear layers)")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps")
+    length.add_argument("--epochs", type=float, metavar="E", help="passes over the packed data")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="linear warmup steps, then cosine "
+                   "decay to lr/10 (default: 3%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="packed rows per micro-batch (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per packed row (default 512)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="A",
+                   help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--remat", default="none", metavar="none|layer|every:N",
+                   help="recompute activations in the backward pass: each layer, or each group of N layers "
+                        "(less memory, one more forward); default none")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype; the adapter and AdamW state stay float32 (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
+    p.add_argument("--data-parallel", type=positive_int, default=1, metavar="D",
+                   help="split each batch's rows over D devices (default 1)")
+    p.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="T",
+                   help="split the base weights over T devices (default 1); D x T devices in all")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--save-every", type=positive_int, default=100, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
+                   help="eval loss every N steps (default: at the start and the end)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    result = train(_model_arg(args), args.data, args.out, eval=args.eval, resume=args.resume,
+                   save_every=args.save_every, eval_every=args.eval_every, adapter=args.adapter, rank=args.rank,
+                   alpha=args.alpha, target_modules=tuple(args.target_modules), steps=args.steps,
+                   epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                   clip=args.clip, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                   remat=args.remat, dtype=args.dtype, seed=args.seed, data_parallel=args.data_parallel,
+                   tensor_parallel=args.tensor_parallel)
+    evals = "" if result.eval_loss is None else f", eval loss {result.initial_eval_loss:.4f} -> {result.eval_loss:.4f}"
+    print(f"trained {result.steps} steps: loss {result.loss:.4f}{evals}, {result.tokens_per_s:.0f} tokens/s, "
+          f"peak RSS {result.peak_rss_mib / 1024:.2f} GiB\n"
+          f"adapter: {result.out / 'adapter'} (PEFT), {result.out / 'adapter.gguf'} (llama.cpp)")
+    return 0
 
 
 def _sampling(args):
@@ -318,7 +386,8 @@ def cmd_pull(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-               "models": cmd_models, "pull": cmd_pull}[args.command]
+               "models": cmd_models, "pull": cmd_pull,
+               "train": cmd_train}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -64,11 +64,12 @@ class Adapter(Protocol):
     def __call__(self, module: str, layer: Layer, x: jax.Array, y: jax.Array) -> jax.Array: ...
 
 
-def causal_attention(q, k, v, positions, layer: Layer, kv=None):
+def causal_attention(q, k, v, positions, layer: Layer, kv=None, *, segments=None):
     """Dense causal GQA attention among the call's own tokens; `kv` is passed through unused.
 
     A token at position p sees the tokens of its row at positions s <= p (and p - s < window);
-    padding (position < 0) sees nothing and outputs zeros. The G query heads sharing a kv head
+    padding (position < 0) sees nothing and outputs zeros. `segments` i32[B, T] (training on
+    packed rows, bound with functools.partial) keeps each token to its own document's keys. The G query heads sharing a kv head
     are stacked with the tokens ([B, K, G*T, H]) so both products are plain batched matmuls.
     """
     b, t, n, h = q.shape
@@ -84,6 +85,8 @@ def causal_attention(q, k, v, positions, layer: Layer, kv=None):
     visible = (s <= p) & (s >= 0) & (p >= 0)
     if layer.window is not None:
         visible &= p - s < layer.window
+    if segments is not None:
+        visible &= segments[:, None, :] == jnp.tile(segments, (1, g))[:, :, None]
     scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows of padding see nothing
@@ -257,12 +260,13 @@ class Model(nnx.Module):
                                                                     rngs=rngs)
 
     def __call__(self, tokens, positions, *, attention: AttentionFn = causal_attention, kv=None,
-                 adapter: Adapter | None = None, logit_index=None, remat: bool = False):
+                 adapter: Adapter | None = None, logit_index=None, remat: int = 0, remat_policy=None):
         """tokens, positions: i32[B, T] (position < 0: padding); logit_index: i32[B, R] or None.
 
         Returns (logits f32[B, T, V], or f32[B, R, V] at the tokens `logit_index` names; kv as
-        the attention seam returned it). `remat` recomputes each layer in the backward pass
-        (training) instead of keeping its activations.
+        the attention seam returned it). `remat` N > 0 (training) keeps only the input of every
+        group of N layers for the backward pass and recomputes the rest (`jax.checkpoint` with
+        `remat_policy`, default `nothing_saveable`); N must divide the number of layers.
         """
         cfg = self.cfg
         x = self.embed_tokens(tokens)
@@ -276,20 +280,36 @@ class Model(nnx.Module):
             return run_layer(cfg, block, x, positions, index, data, attention=attention, adapter=adapter, kv=kv,
                              adapter_slice=adapter_slice), None
 
-        if remat:
-            body = jax.checkpoint(body)
+        n = remat or 1
+        if cfg.num_layers % n:
+            raise ValueError(f"remat groups of {n} layers do not divide the model's {cfg.num_layers} layers")
         if isinstance(self.layers, nnx.List):  # separate per-layer weights: a Python loop (CPU)
             graphdef = nnx.graphdef(self.layers[0])  # every layer has the same structure
+
+            def group(carry, layers):
+                for xs in layers:
+                    carry, _ = body(carry, xs)
+                return carry
+
+            if remat:
+                group = jax.checkpoint(group, policy=remat_policy or jax.checkpoint_policies.nothing_saveable)
             carry = (x, kv)
-            for i, block in enumerate(self.layers):
-                at = lambda a, i=i: a[i]  # noqa: E731
-                xs = (nnx.state(block), jnp.int32(i), jax.tree.map(at, data), jax.tree.map(at, per_layer))
-                carry, _ = body(carry, xs)
+            for g in range(0, cfg.num_layers, n):
+                at = lambda a, i: a[i]  # noqa: E731
+                layers = [(nnx.state(self.layers[i]), jnp.int32(i), jax.tree.map(lambda a: at(a, i), data),
+                           jax.tree.map(lambda a: at(a, i), per_layer)) for i in range(g, g + n)]
+                carry = group(carry, layers)
             x, kv = carry
         else:
             graphdef, stacked = nnx.split(self.layers)
             xs = (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32), data, per_layer)
-            (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+            if remat:  # an outer scan over groups of n layers, each group one checkpointed inner scan
+                grouped = jax.tree.map(lambda a: a.reshape(cfg.num_layers // n, n, *a.shape[1:]), xs)
+                inner = jax.checkpoint(lambda carry, xs: jax.lax.scan(body, carry, xs),
+                                       policy=remat_policy or jax.checkpoint_policies.nothing_saveable)
+                (x, kv), _ = jax.lax.scan(inner, (x, kv), grouped)
+            else:
+                (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
         return self.logits(x, logit_index), kv
 
     @property

@@ -126,3 +126,49 @@ def read_peft(path: str | Path, name: str, cfg: ModelConfig) -> LoraAdapter:
     adapter = LoraAdapter(name, str(path), modules)
     adapter.check_fits(cfg)
     return adapter
+
+
+def write_peft(path: str | Path, adapter: LoraAdapter, cfg: ModelConfig, *, base_model: str = "") -> None:
+    """Write `adapter` as a PEFT LoRA directory that `PeftModel.from_pretrained` loads (and
+    `read_peft` reads back exactly): `r` and `lora_alpha` from the most common (rank, scale),
+    `rank_pattern` / `alpha_pattern` for modules that differ. Written to a temporary sibling and
+    renamed, so `path` holds either the old directory or the whole new one."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    adapter.check_fits(cfg)
+    path = Path(path)
+    keyed = {}
+    for (layer, module), m in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULES.index(kv[0][1]))):
+        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        keyed[f"model.layers.{layer}.{block}.{module}"] = m
+    shapes = [(m.rank, m.scale * m.rank) for m in keyed.values()]
+    rank, alpha = max(set(shapes), key=shapes.count)
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "fan_in_fan_out": False,
+            "target_modules": adapter.target_modules, "inference_mode": True,
+            "rank_pattern": {k: m.rank for k, m in keyed.items() if m.rank != rank},
+            "alpha_pattern": {k: m.scale * m.rank for k, m in keyed.items() if m.scale * m.rank != alpha}}
+    tensors = {}
+    for key, m in keyed.items():
+        tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(m.a.T, np.float32)
+        tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(m.b.T, np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
