@@ -300,7 +300,7 @@ def cmd_serve(args) -> int:
     from .formats.load import load_model
     from .llm import resolve_dtype
     from .serve.app import create_app
-    from .sharding import shard_model, tensor_parallel_mesh
+    from .engine.replicas import Replicas, replica_meshes, replica_models
     from .serve.main import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -314,12 +314,10 @@ def cmd_serve(args) -> int:
     max_loras = args.max_loras if args.max_loras is not None else (8 if args.lora or args.lora_dir else 0)
     if max_loras < 0 or (max_loras == 0 and (args.lora or args.lora_dir)):
         raise HyprjaxError(f"--max-loras {max_loras}: serving adapters needs at least one slot")
-    mesh = tensor_parallel_mesh(args.tensor_parallel)
+    meshes = replica_meshes(args.data_parallel, args.tensor_parallel)
     print(f"loading {source} ...", file=sys.stderr)
     loaded = load_model(source, dtype=resolve_dtype(args.dtype), quantization=args.quantization)  # bad files fail here, before serving
     release_free_memory()
-    if mesh is not None:
-        shard_model(loaded.model, loaded.cfg, mesh)
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
     max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
@@ -333,18 +331,23 @@ def cmd_serve(args) -> int:
     clash = [n for n, _ in args.lora if n in names]
     if clash:
         raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
-    front = AsyncEngine(None, names[0], tokenizer=loaded.tokenizer)
+    fronts = [AsyncEngine(None, names[0], tokenizer=loaded.tokenizer) for _ in meshes]
+    front = fronts[0] if len(fronts) == 1 else Replicas(fronts, names[0])
     app = create_app(front, api_key=args.api_key, served_model_names=names, lora_paths=[p for _, p in args.lora],
                      lora_dir=args.lora_dir, enable_adapter_admin=args.enable_adapter_admin,
                      public_metrics=args.public_metrics, max_request_bytes=args.max_request_bytes)
 
     def build():  # compile the step buckets while /health answers 503
         try:
-            engine = LLMEngine(loaded.model, loaded.cfg, loaded.tokenizer, ecfg, mesh=mesh)
-            release_free_memory()  # what loading and the warm-up freed, back to the OS
-            for adapter in adapters:
-                engine.add_adapter(adapter)
-            front.attach(engine)
+            for i, (mesh, model) in enumerate(zip(meshes, replica_models(loaded.model, loaded.cfg, meshes))):
+                if len(meshes) > 1:
+                    print(f"replica {i + 1}/{len(meshes)} on {', '.join(str(d) for d in mesh.devices.flat)}",
+                          file=sys.stderr)
+                engine = LLMEngine(model, loaded.cfg, loaded.tokenizer, ecfg, mesh=mesh)
+                release_free_memory()  # what loading and the warm-up freed, back to the OS
+                for adapter in adapters:
+                    engine.add_adapter(adapter)
+                fronts[i].attach(engine)
             hits, misses = cache_stats()["hits"], cache_stats()["misses"]
             cached = f"; compile cache: {hits} programs loaded, {misses} compiled" if hits + misses else ""
             print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r}, context "

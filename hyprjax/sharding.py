@@ -16,7 +16,8 @@ evenly, in whole heads for the head axes; otherwise it is replicated and that is
 
 Data-parallel replicas are not a mesh axis here: an engine step is one flattened row of tokens
 over one shared page pool, so a "data" axis would have to split the pool and the scheduler's
-pages with it. Replicas are independent engines (one per device group) behind a router.
+pages with it. Replicas are independent engines (one per device group) behind a router
+(hyprjax/engine/replicas.py, `hyprjax serve --data-parallel N`).
 
 Multi-host: call `jax.distributed.initialize(...)` in every process before anything touches a
 device; `jax.devices()` is then the global device list, `make_mesh` spans the processes and
@@ -57,6 +58,17 @@ RULES: dict[str, str | None] = {
 QFIELDS = ("qscale", "qsub", "qmin", "qmsub")  # a quantized matrix's scale arrays (hyprjax/qformat.py)
 KV_POOL_AXES = ("layers", None, None, "kv_heads", None)  # KVPool.k / .v [L, P, page_size, K, H]
 PENALTY_AXES = (None, "vocab")  # counts / seen [max_num_seqs, V]
+
+
+def take_devices(count: int, asked: str) -> list:
+    """The first `count` devices (global ones after `jax.distributed.initialize`), or a
+    ConfigError saying that `asked` (the flags that asked for them) needs more than there are."""
+    devices = jax.devices()
+    if count > len(devices):
+        raise ConfigError(f"{asked} needs {count} devices, {len(devices)} available ({jax.default_backend()}); "
+                          f"on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts "
+                          f"makes N host devices")
+    return devices[:count]
 
 
 def make_mesh(tensor_parallel: int, devices=None) -> Mesh:

@@ -120,6 +120,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     if "--tensor-parallel" not in parser._option_string_actions:  # the CLI's shared model flags may have it
         eng.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                          help="split the model over N devices (tensor parallelism; default 1: one device)")
+    eng.add_argument("--data-parallel", type=positive_int, default=1, metavar="N",
+                     help="serve from N engine replicas, each with its own copy of the weights on its own "
+                          "devices (--tensor-parallel of them each), behind one router that sends each request "
+                          "to the replica with the fewest in flight (default 1)")
     eng.add_argument("--max-num-seqs", type=positive_int, default=32, metavar="N",
                      help="most requests decoded together in one batch (default 32)")
     eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None, metavar="N",

@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..sharding import TP, shard_params
+from ..sharding import TP, shard_params, take_devices
 
 DATA = "data"
 
@@ -30,13 +30,9 @@ def training_mesh(data_parallel: int, tensor_parallel: int, batch_size: int) -> 
         return None
     if batch_size % data_parallel:
         raise ConfigError(f"--batch-size {batch_size} does not split over --data-parallel {data_parallel}")
-    devices = jax.devices()
-    if data_parallel * tensor_parallel > len(devices):
-        raise ConfigError(f"--data-parallel {data_parallel} x --tensor-parallel {tensor_parallel} needs "
-                          f"{data_parallel * tensor_parallel} devices, {len(devices)} available "
-                          f"({jax.default_backend()}); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                          f"set before JAX starts makes N host devices")
-    grid = np.asarray(devices[:data_parallel * tensor_parallel]).reshape(data_parallel, tensor_parallel)
+    devices = take_devices(data_parallel * tensor_parallel,
+                           f"--data-parallel {data_parallel} x --tensor-parallel {tensor_parallel}")
+    grid = np.asarray(devices).reshape(data_parallel, tensor_parallel)
     return Mesh(grid, (DATA, TP), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
