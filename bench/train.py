@@ -1,9 +1,13 @@
 """LoRA training speed and memory: hyprjax against PEFT + transformers (torch CPU), side by side.
 
     python bench/train.py [--shape qwen3-0.6b] [--seq-len 512] [--batch-size 4] [--rank 16] [--steps 2]
+                          [--dtype float32|bfloat16]
 
 Rank-16 LoRA on all seven linear modules of every layer of a random model of `--shape`, one
-batch of `batch x seq` random tokens per step (every token a target), float32, AdamW. Four
+batch of `batch x seq` random tokens per step (every token a target), AdamW. `--dtype bfloat16`:
+the base weights and the compute in bfloat16, the adapter and optimizer state float32 on both
+sides (hyprjax's `--dtype bfloat16`; PEFT over a bfloat16 model keeps its adapter weights float32,
+`autocast_adapter_dtype`). Four
 configurations, each in its own process (so each peak RSS is its own): hyprjax and PEFT, each
 without and with rematerialisation (`--remat layer`; transformers' gradient checkpointing, non
 reentrant). Each runs one warm-up step (compilation for hyprjax) and then `--steps` timed steps.
@@ -25,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+HERE = Path(__file__).resolve().parent  # on sys.path as the script's folder; the repository root is kept off
+# it, or the repo's top-level kernels/ would shadow the `kernels` package transformers imports
 CONFIGS = [("hyprjax", "none"), ("hyprjax", "layer"), ("peft", "none"), ("peft", "layer")]
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +59,7 @@ def run_hyprjax(a) -> dict:
     from hyprjax.training.step import make_optimizer, make_train_step
 
     cfg = PRESETS[a.shape]
-    model = Model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), scan_layers=True)
+    model = Model(cfg, dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0), scan_layers=True)
     graphdef, base = nnx.split(model)
     lora = init_lora(cfg, a.rank, MODULES, jax.random.key(0))
     opt = make_optimizer(1e-4, 100, warmup=0, weight_decay=0.0, clip=1.0)
@@ -86,13 +90,13 @@ def run_peft(a) -> dict:
     import torch
     import transformers
 
-    from bench.make_model import hf_config
+    from make_model import hf_config
     from hyprjax.config import PRESETS
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     hf = {k: v for k, v in hf_config(PRESETS[a.shape], "float32").items() if k not in ("architectures", "model_type")}
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf))
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf)).to(getattr(torch, a.dtype))
     model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=list(MODULES),
                                                        lora_dropout=0.0))
     if a.remat == "layer":
@@ -123,9 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (median reported)")
-    p.add_argument("--out", default=str(HERE / "results" / "train.json"))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default=None, help="default bench/results/train.json (train_bf16.json for bfloat16)")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "REMAT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.out = a.out or str(HERE / "results" / ("train.json" if a.dtype == "float32" else "train_bf16.json"))
     if a.worker:
         a.engine, a.remat = a.worker
         got = (run_hyprjax if a.engine == "hyprjax" else run_peft)(a)
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
     for i, (engine, remat) in enumerate(CONFIGS, 1):
         print(f"[{i}/{len(CONFIGS)}] {engine}, remat {remat}", file=sys.stderr, flush=True)
         args = [sys.executable, __file__, "--worker", engine, remat, "--shape", a.shape, "--seq-len", str(a.seq_len),
-                "--batch-size", str(a.batch_size), "--rank", str(a.rank), "--steps", str(a.steps)]
+                "--batch-size", str(a.batch_size), "--rank", str(a.rank), "--steps", str(a.steps), "--dtype", a.dtype]
         proc = subprocess.run(args, stdout=subprocess.PIPE, text=True, check=True)
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         got.update(engine=engine, remat=remat, tokens_per_s=a.batch_size * a.seq_len / got["step_s"],
@@ -149,12 +155,12 @@ def main(argv=None) -> int:
         summary[f"{engine}_added_memory_ratio_none_over_layer"] = by[(engine, "none")]["added_mib"] / by[(engine, "layer")]["added_mib"]
     h = by[("hyprjax", "none")], by[("hyprjax", "layer")]
     summary["hyprjax_xla_temp_ratio_none_over_layer"] = h[0]["xla_temp_mib"] / h[1]["xla_temp_mib"]
-    result = dict(shape=a.shape, seq_len=a.seq_len, batch_size=a.batch_size, rank=a.rank, steps=a.steps,
+    result = dict(shape=a.shape, dtype=a.dtype, seq_len=a.seq_len, batch_size=a.batch_size, rank=a.rank, steps=a.steps,
                   cpu=_cpu_name(), date=time.strftime("%Y-%m-%d"), rows=rows, summary=summary)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{a.shape}, rank {a.rank}, batch {a.batch_size} x {a.seq_len} tokens, float32, {_cpu_name()}\n")
+    print(f"\n{a.shape}, rank {a.rank}, batch {a.batch_size} x {a.seq_len} tokens, {a.dtype}, {_cpu_name()}\n")
     print("| engine | remat | tokens/s | step s | RSS model MiB | peak RSS MiB | added MiB | XLA temp MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

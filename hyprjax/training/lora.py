@@ -53,7 +53,12 @@ class TrainLora:
         if ab is None:
             return y
         a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)
-        return y + (jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.scale, x.dtype)).astype(y.dtype)
+        # Rows flattened to [B*T, din]: the factor gradients then contract one dimension, a plain
+        # GEMM; contracting (B, T) of a 3-D x took XLA:CPU's slow generic dot (measured: LoRA on six
+        # more modules cost 0.57 s per Qwen3-0.6B layer and step at 4 x 512 tokens, against 0.04 s).
+        x2 = x.reshape(-1, x.shape[-1])
+        delta = jnp.dot(jnp.dot(x2, a), b) * jnp.asarray(self.scale, x.dtype)
+        return y + delta.reshape(*y.shape[:-1], -1).astype(y.dtype)
 
 
 def to_adapter(params: dict, scale: float, name: str, path: str = "") -> LoraAdapter:

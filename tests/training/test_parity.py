@@ -75,11 +75,8 @@ def _batch(cfg, rows=2, t=24, seed=3):
     return ours, torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(hf_labels.astype(np.int64))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
-def test_one_step_loss_and_gradients_equal_peft(tmp_path, arch):
-    cfg, graphdef, base, lora, pm = _setup(tmp_path, arch)
-    batch, ids, labels = _batch(cfg)
-
+def _step_both(graphdef, base, lora, pm, batch, ids, labels):
+    """(our mean loss, our adapter gradients, PEFT's output after its backward) on one batch."""
     def loss(lora):
         s, n = loss_sums(lora, base, graphdef, batch, scale=SCALE)
         return s / n
@@ -87,6 +84,14 @@ def test_one_step_loss_and_gradients_equal_peft(tmp_path, arch):
     ours, grads = jax.value_and_grad(loss)(lora)
     out = pm(input_ids=ids, labels=labels)
     out.loss.backward()
+    return ours, grads, out
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_one_step_loss_and_gradients_equal_peft(tmp_path, arch):
+    cfg, graphdef, base, lora, pm = _setup(tmp_path, arch)
+    batch, ids, labels = _batch(cfg)
+    ours, grads, out = _step_both(graphdef, base, lora, pm, batch, ids, labels)
     assert abs(float(ours) - out.loss.item()) <= 1e-5, (float(ours), out.loss.item())
     for (layer, module, half), p in _torch_params(pm).items():
         want = p.grad.numpy().T
@@ -149,14 +154,7 @@ def test_bfloat16_compute_keeps_float32_master_state(tmp_path):
     loaded = load_model(tmp_path, dtype="bfloat16", with_tokenizer=False, scan_layers=True, progress=False)
     graphdef, base = nnx.split(loaded.model)
     batch, ids, labels = _batch(loaded.cfg)
-
-    def loss(lora):
-        s, n = loss_sums(lora, base, graphdef, batch, scale=SCALE)
-        return s / n
-
-    ours, grads = jax.value_and_grad(loss)(lora)
-    out = pm(input_ids=ids, labels=labels)
-    out.loss.backward()
+    ours, grads, out = _step_both(graphdef, base, lora, pm, batch, ids, labels)
     assert abs(float(ours) - out.loss.item()) <= 1e-2 * out.loss.item()
     for (layer, module, half), p in _torch_params(pm).items():
         got = grads[module][half]
