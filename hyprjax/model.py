@@ -297,9 +297,8 @@ class Model(nnx.Module):
                 group = jax.checkpoint(group, policy=remat_policy or jax.checkpoint_policies.nothing_saveable)
             carry = (x, kv)
             for g in range(0, cfg.num_layers, n):
-                at = lambda a, i: a[i]  # noqa: E731
-                layers = [(nnx.state(self.layers[i]), jnp.int32(i), jax.tree.map(lambda a: at(a, i), data),
-                           jax.tree.map(lambda a: at(a, i), per_layer)) for i in range(g, g + n)]
+                layers = [(nnx.state(self.layers[i]), jnp.int32(i), jax.tree.map(lambda a, i=i: a[i], data),
+                           jax.tree.map(lambda a, i=i: a[i], per_layer)) for i in range(g, g + n)]
                 carry = group(carry, layers)
             x, kv = carry
         else:

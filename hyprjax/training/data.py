@@ -177,6 +177,10 @@ class Packed:
     labels: np.ndarray     # i32[N, S]  the document's next token (tokens[n, s + 1]); 0 where there is none
     weights: np.ndarray    # f32[N, S]  1.0 where labels[n, s] is a loss target, else 0.0
 
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """The arrays' rows at `index`, by field name (a batch)."""
+        return {name: getattr(self, name)[index] for name in _FIELDS}
+
     @property
     def num_rows(self) -> int:
         """N."""
@@ -252,7 +256,7 @@ def batch_at(packed: Packed, step: int, batch_size: int, seed: int) -> dict[str,
                              for e in range(first // n, last // n + 1)])
     offset = first - (first // n) * n
     rows = stream[offset:offset + batch_size]
-    return {name: getattr(packed, name)[rows] for name in _FIELDS}
+    return packed.rows(rows)
 
 
 def steps_per_epoch(packed: Packed, batch_size: int) -> int:

@@ -35,18 +35,21 @@ REMAT_POLICIES = {
 }
 
 
+def make_schedule(lr: float, steps: int, warmup: int):
+    """Linear warmup over `warmup` steps, then cosine decay to a tenth of `lr` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, max(steps, warmup + 1),
+                                              end_value=lr * 0.1)
+
+
 def make_optimizer(lr: float, steps: int, *, warmup: int, weight_decay: float, clip: float) -> optax.GradientTransformation:
-    """AdamW under linear warmup then cosine decay to a tenth of `lr`, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, max(steps, warmup + 1),
-                                                  end_value=lr * 0.1)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    """AdamW under `make_schedule`, after global-norm clipping."""
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(make_schedule(lr, steps, warmup), weight_decay=weight_decay))
 
 
 def schedule_value(lr: float, steps: int, warmup: int, step: int) -> float:
     """The learning rate `make_optimizer` applies at (0-based) `step`: for metrics and tests."""
-    s = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, max(steps, warmup + 1),
-                                           end_value=lr * 0.1)
-    return float(s(step))
+    return float(make_schedule(lr, steps, warmup)(step))
 
 
 def loss_sums(lora: dict, base, graphdef, batch: dict, *, scale: float, remat: int = 0, remat_policy=None):

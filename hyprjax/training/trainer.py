@@ -180,7 +180,7 @@ def train(model: str, data: str, out: str, *, eval: str | None = None, resume: b
         n = len(packed_eval.tokens)
         for i in range(0, n, opts.batch_size):
             idx = np.arange(i, i + opts.batch_size) % n  # the last batch wraps; its repeats are dropped below
-            batch = {k: getattr(packed_eval, k)[idx] for k in ("tokens", "positions", "segments", "labels", "weights")}
+            batch = packed_eval.rows(idx)
             batch["weights"] = np.where((np.arange(i, i + opts.batch_size) < n)[:, None], batch["weights"], 0)
             s, c = eval_fn(lora, base, place_batch(batch, mesh, 0))
             loss_sum, count = loss_sum + float(s), count + float(c)
