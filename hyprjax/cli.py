@@ -112,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train_parser(sub) -> None:
     from .adapters.lora import MODULES
 
-    p = sub.add_parser("train", help="train a LoRA adapter on JSONL data (the base model stays frozen)",
-                       description="Train an adapter over a frozen base model. Writes OUT/adapter (PEFT; "
-                       "serve it with --lora NAME=OUT/adapter), OUT/adapter.gguf (llama.cpp), "
-                       "OUT/metrics.jsonl and orbax checkpoints in OUT/checkpoints.")
+    p = sub.add_parser("train", help="train an adapter (LoRA, SHiRA, block-sparse, LoRA + sparse) on JSONL data "
+                       "(the base model stays frozen)",
+                       description="Train an adapter over a frozen base model. Writes OUT/adapter.vdb (every kind; "
+                       "serve it with --lora NAME=OUT/adapter.vdb), OUT/adapter (PEFT: lora, and shira when PEFT can "
+                       "hold it), OUT/adapter.gguf (llama.cpp: lora), OUT/metrics.jsonl and orbax checkpoints in "
+                       "OUT/checkpoints.")
     p.add_argument("model", nargs="?", help="the base model: a HF directory, a .gguf file or a known name "
                    "(default: the default model)")
     p.add_argument("--model", "-m", dest="model_flag", metavar="MODEL", help="same as the positional MODEL")
@@ -124,8 +126,20 @@ def _add_train_parser(sub) -> None:
                    'completion) or {"text"}')
     p.add_argument("--eval", default=None, metavar="FILE", help="held-out JSONL data: eval loss in metrics.jsonl")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--adapter", default="lora", choices=["lora"], help="adapter kind")
-    p.add_argument("--rank", type=positive_int, default=16, metavar="R", help="LoRA rank (default 16)")
+    p.add_argument("--adapter", default="lora", choices=["lora", "shira", "block-sparse", "lora+sparse"],
+                   help="adapter kind: lora, shira (element-sparse), block-sparse, lora+sparse (RoSA)")
+    p.add_argument("--rank", type=positive_int, default=16, metavar="R",
+                   help="LoRA rank (default 16); for shira without --density, PEFT's r: r x (in + out) entries")
+    p.add_argument("--density", type=float, default=None, metavar="D",
+                   help="sparse kinds: fraction of each targeted weight trained (default 0.01; shira: the "
+                        "PEFT r nearest it)")
+    p.add_argument("--block", type=int, default=None, choices=[16, 32], metavar="B",
+                   help="b x b blocks: block-sparse (default 16), or lora+sparse's sparse part (default: elements)")
+    p.add_argument("--mask", default="fisher", choices=["fisher", "random"],
+                   help="sparse kinds: fisher (largest accumulated squared gradients, RoSA) or random "
+                        "(PEFT SHiRA's default); default fisher")
+    p.add_argument("--mask-warmup", type=positive_int, default=8, metavar="N",
+                   help="steps whose squared gradients choose the fisher mask (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: scale 2)")
     p.add_argument("--target-modules", nargs="+", default=list(MODULES), metavar="MODULE", choices=list(MODULES),
                    help="modules to adapt (default: all seven linear layers)")
@@ -163,7 +177,8 @@ def cmd_train(args) -> int:
 
     result = train(_model_arg(args), args.data, args.out, eval=args.eval, resume=args.resume,
                    save_every=args.save_every, eval_every=args.eval_every, adapter=args.adapter, rank=args.rank,
-                   alpha=args.alpha, target_modules=tuple(args.target_modules), steps=args.steps,
+                   alpha=args.alpha, density=args.density, block=args.block, mask=args.mask,
+                   mask_warmup=args.mask_warmup, target_modules=tuple(args.target_modules), steps=args.steps,
                    epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                    clip=args.clip, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                    remat=args.remat, dtype=args.dtype, seed=args.seed, data_parallel=args.data_parallel,
@@ -171,7 +186,7 @@ def cmd_train(args) -> int:
     evals = "" if result.eval_loss is None else f", eval loss {result.initial_eval_loss:.4f} -> {result.eval_loss:.4f}"
     print(f"trained {result.steps} steps: loss {result.loss:.4f}{evals}, {result.tokens_per_s:.0f} tokens/s, "
           f"peak RSS {result.peak_rss_mib / 1024:.2f} GiB\n"
-          f"adapter: {result.out / 'adapter'} (PEFT), {result.out / 'adapter.gguf'} (llama.cpp)")
+          f"adapter: {', '.join(map(str, result.files))}")
     return 0
 
 
@@ -296,6 +311,7 @@ def cmd_serve(args) -> int:
     from .engine.llm_engine import LLMEngine
     from .engine.memory import limit_malloc_arenas, release_free_memory
     from .adapters.load import read_adapter
+    from .adapters.registry import sparse_capacity
     from .compile_cache import cache_stats, enable_compile_cache
     from .formats.load import load_model
     from .llm import resolve_dtype
@@ -320,14 +336,22 @@ def cmd_serve(args) -> int:
     release_free_memory()
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
     max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
+    sparse_rank, block_rank = sparse_capacity(adapters, loaded.cfg)
+    sparse_rank = sparse_rank if args.max_sparse_rank is None else args.max_sparse_rank
+    block_rank = block_rank if args.max_block_rank is None else args.max_block_rank
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens or max(256, args.max_num_seqs),
                         page_size=args.page_size, num_pages=args.num_pages,
                         kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank,
-                        lora_quantization=args.lora_quantization)
+                        lora_quantization=args.lora_quantization, max_sparse_rank=sparse_rank,
+                        max_block_rank=block_rank)
     names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
+    if args.merge_lora and args.merge_lora not in {n for n, _ in args.lora}:
+        raise HyprjaxError(f"--merge-lora {args.merge_lora!r} is not one of the --lora adapters")
+    if args.merge_lora and len(meshes) * (args.tensor_parallel or 1) > 1:
+        raise HyprjaxError("--merge-lora needs the weights on one device (no --data-parallel or --tensor-parallel)")
     clash = [n for n, _ in args.lora if n in names]
     if clash:
         raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
@@ -347,6 +371,8 @@ def cmd_serve(args) -> int:
                 release_free_memory()  # what loading and the warm-up freed, back to the OS
                 for adapter in adapters:
                     engine.add_adapter(adapter)
+                if args.merge_lora:
+                    engine.merge_adapter(args.merge_lora)
                 fronts[i].attach(engine)
             hits, misses = cache_stats()["hits"], cache_stats()["misses"]
             cached = f"; compile cache: {hits} programs loaded, {misses} compiled" if hits + misses else ""

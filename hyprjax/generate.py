@@ -40,12 +40,14 @@ class Generator:
 
     def __init__(self, model, cfg: ModelConfig, tokenizer, *, max_model_len: int | None = None,
                  max_batch: int = 32, max_loras: int = 0, max_lora_rank: int = 16, engine_config=None, mesh=None,
-                 enable_prefix_caching: bool = True, lora_quantization: str = "none"):
+                 enable_prefix_caching: bool = True, lora_quantization: str = "none", max_sparse_rank: int = 0,
+                 max_block_rank: int = 0):
         self.model, self.cfg, self.tokenizer, self.mesh = model, cfg, tokenizer, mesh
         self.enable_prefix_caching = enable_prefix_caching
         self._want_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch, self.max_loras, self.max_lora_rank = max_batch, max_loras, max_lora_rank
         self.lora_quantization = lora_quantization
+        self.sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
         self._config = engine_config
         self._engine = None
 
@@ -60,18 +62,31 @@ class Generator:
                 max_model_len=self._want_len, max_num_seqs=self.max_batch,
                 max_num_batched_tokens=max(256, self.max_batch), max_loras=self.max_loras,
                 max_lora_rank=self.max_lora_rank, lora_quantization=self.lora_quantization,
-                enable_prefix_caching=self.enable_prefix_caching)
+                enable_prefix_caching=self.enable_prefix_caching, **self.sparse_limits)
             self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False, progress=False,
                                      mesh=self.mesh)
         return self._engine
 
-    def enable_lora(self, max_loras: int, max_lora_rank: int, lora_quantization: str = "none") -> None:
-        """Rebuild the engine with an adapter slot table (it holds no state between calls)."""
-        if self._engine is not None and self._engine.lora is not None:
-            return
+    def enable_lora(self, max_loras: int, max_lora_rank: int, lora_quantization: str = "none", *,
+                    max_sparse_rank: int = 0, max_block_rank: int = 0) -> None:
+        """Rebuild the engine with adapter slot tables (it holds no state between calls), unless
+        it has tables at least this large already. Never drops loaded adapters: growing the
+        sparse capacity of an engine that holds adapters is refused (HyprjaxError)."""
+        sparse = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
+        eng = self._engine
+        if eng is not None and eng.lora is not None:
+            if all(getattr(eng.ecfg, k) >= v for k, v in sparse.items()):
+                return
+            if eng.lora.all_names():
+                short = ", ".join(f"{k}={v}" for k, v in sparse.items() if getattr(eng.ecfg, k) < v)
+                raise HyprjaxError(f"this adapter needs {short}, more than the engine's slot tables hold, and "
+                                   f"adapters are loaded; unload them first or create the LLM with {short}")
+            sparse = {k: max(v, getattr(eng.ecfg, k)) for k, v in sparse.items()}
         self.max_loras, self.max_lora_rank, self.lora_quantization = max_loras, max_lora_rank, lora_quantization
+        self.sparse_limits = sparse
         self._config = None if self._config is None else dataclasses.replace(
-            self._config, max_loras=max_loras, max_lora_rank=max_lora_rank, lora_quantization=lora_quantization)
+            self._config, max_loras=max_loras, max_lora_rank=max_lora_rank, lora_quantization=lora_quantization,
+            **sparse)
         self._engine = None
 
     @property

@@ -49,7 +49,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_batch: int = 32, progress: bool = True, max_loras: int = 8,
                  max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
-                 enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none"):
+                 enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none",
+                 max_sparse_rank: int = 0, max_block_rank: int = 0):
         from .adapters.quantized import check_lora_quantization
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
@@ -64,6 +65,7 @@ class LLM:
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching)
         self._lora_limits = (max_loras, max_lora_rank, lora_quantization)
+        self._sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
 
     @property
     def max_model_len(self) -> int:
@@ -86,18 +88,34 @@ class LLM:
         `lora=True` rebuilds an engine made without one (it holds no state between calls).
         """
         if lora:
-            self.generator.enable_lora(*self._lora_limits)
+            self.generator.enable_lora(*self._lora_limits, **self._sparse_limits)
         return self.generator.engine
 
     def load_lora(self, name: str, path: str | os.PathLike) -> None:
-        """Load a PEFT directory or llama.cpp LoRA GGUF under `name` for `generate(..., lora=...)`."""
+        """Load an adapter under `name` for `generate(..., lora=...)`: a PEFT LoRA or SHiRA directory,
+        a llama.cpp LoRA GGUF, or a .vdb of any kind. Sparse slot tables grow to fit it while no
+        adapter is loaded (`max_sparse_rank` / `max_block_rank` are floors)."""
         from .adapters.load import read_adapter
+        from .adapters.registry import sparse_capacity
 
-        eng = self.engine(lora=True)
-        eng.add_adapter(read_adapter(path, name, self.cfg, eng.ecfg.max_lora_rank))
+        adapter = read_adapter(path, name, self.cfg, self._lora_limits[1])
+        need = sparse_capacity([adapter], self.cfg)
+        self.generator.enable_lora(*self._lora_limits, **{k: max(v, n) for (k, v), n in
+                                                           zip(self._sparse_limits.items(), need)})
+        self.generator.engine.add_adapter(adapter)
 
     def unload_lora(self, name: str) -> None:
         self.engine(lora=True).remove_adapter(name)
+
+    def merge_lora(self, name: str) -> None:
+        """Merged mode: add the loaded adapter `name` into the weights, so prompts using it alone run
+        at the base model's speed; other prompts (the base model's too) take it back out per token.
+        `unmerge_lora()` restores the weights bit for bit (hyprjax/adapters/merged.py)."""
+        self.engine(lora=True).merge_adapter(name)
+
+    def unmerge_lora(self) -> str | None:
+        """Leave merged mode; returns the adapter that was merged (None if none was)."""
+        return self.engine(lora=True).unmerge_adapter()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -95,11 +95,12 @@ class ModelNames:
     path) and the base model as "parent", and accepted as `model` (vLLM's convention).
     """
 
-    def __init__(self, names: list[str], root: str, max_model_len: int, adapters=lambda: {}):
+    def __init__(self, names: list[str], root: str, max_model_len: int, adapters=lambda: {},
+                 adapter_info=lambda name: {}):
         if not names:
             raise ValueError("served_model_names=[]: serve at least one name")
         self.names, self.root, self.max_model_len = list(names), root, max_model_len
-        self.adapters = adapters
+        self.adapters, self.adapter_info = adapters, adapter_info
         self.created = int(time.time())
 
     def resolve(self, requested: str | None) -> str:
@@ -116,8 +117,10 @@ class ModelNames:
                     "root": root, "parent": parent, "max_model_len": self.max_model_len}
 
         # An adapter's root is its name: its path on the server's disk is nobody else's business.
+        # Its card also says what it is: kind (lora, shira, block-sparse, lora+sparse), density,
+        # bytes as held in memory, trained values and rank.
         return [card(n, self.root, None) for n in self.names] + [
-            card(n, n, self.names[0]) for n in sorted(self.adapters())]
+            {**card(n, n, self.names[0]), "adapter": self.adapter_info(n)} for n in sorted(self.adapters())]
 
 
 class _Server:
@@ -128,7 +131,8 @@ class _Server:
         self.engine = engine
         self.api_key = api_key
         self.lora_paths, self.lora_dir = lora_paths, lora_dir
-        self.names = ModelNames(names, engine.model_name, engine.max_model_len, engine.adapters)
+        self.names = ModelNames(names, engine.model_name, engine.max_model_len, engine.adapters,
+                                getattr(engine, "adapter_info", lambda name: {}))
         self.metrics = ServerMetrics(engine)
         decode = engine.tokenizer.decode
         # Logprob entries show each token on its own, special tokens included.

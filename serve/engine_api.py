@@ -65,6 +65,10 @@ class Engine(Protocol):
         """Adapters requests may name: name -> path."""
         ...
 
+    def adapter_info(self, name: str) -> dict:
+        """An adapter's kind, density, bytes, params and rank ({} if it is gone)."""
+        ...
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Read and register an adapter (AdapterError naming what is wrong)."""
         ...

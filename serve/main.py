@@ -147,7 +147,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     lora = parser.add_argument_group("LoRA adapters")
     lora.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="NAME=PATH",
-                      help="serve a LoRA adapter (a PEFT directory or a llama.cpp LoRA .gguf) under NAME; "
+                      help="serve an adapter (a PEFT LoRA or SHiRA directory, a llama.cpp LoRA .gguf, or a .vdb "
+                           "of any kind: LoRA, element- or block-sparse, low-rank + sparse) under NAME; "
                            "repeatable. Requests pick it with model=NAME or lora_adapters")
     lora.add_argument("--enable-adapter-admin", action="store_true",
                       help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, "
@@ -162,6 +163,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--max-lora-rank", type=positive_int, default=None, metavar="R",
                       help="rank of every slot; adapters of higher rank are refused (default: 16, or the "
                            "highest rank among the --lora adapters)")
+    lora.add_argument("--max-sparse-rank", type=int, default=None, metavar="R",
+                      help="slot capacity for element-sparse (SHiRA) adapters: R * (in + out) values per module, "
+                           "the parameter count of a rank-R LoRA (PEFT ShiraConfig's r). Default: what the "
+                           "--lora adapters need, else 0 (no table: such adapters are refused)")
+    lora.add_argument("--max-block-rank", type=int, default=None, metavar="R",
+                      help="slot capacity for block-sparse adapters, as --max-sparse-rank counts it "
+                           "(default: what the --lora adapters need, else 0)")
+    lora.add_argument("--merge-lora", default=None, metavar="NAME",
+                      help="merged mode: add the --lora adapter NAME into the base weights at start-up, so "
+                           "requests for it run at the base model's speed; every other request (the base "
+                           "model's too) takes it back out per token")
     lora.add_argument("--lora-quantization", choices=list(LORA_QUANTIZATIONS), default="none",
                       help="keep loaded adapters on the host as int8 (a scale per rank vector, 1/4 of float32) "
                            "or int4 (a scale per 128 weights, ~1/8), dequantized into their slot when used; "

@@ -18,7 +18,8 @@ def paged_step(model, pool, ids: list[int], start: int, *, decode: bool, block_q
                tables=None, mix=()):
     """Feed `ids` at positions start.. (pages 0, 1, 2, ... in order) as one decode token or one
     prefill chunk; returns (logits f32[len(ids), V] at every fed token, pool). `mix` is the
-    ((slot, weight), ...) of adapters applied from `tables` (the registry's slot table)."""
+    ((slot, weight), ...) of adapters applied from `tables` (the registry's low-rank slot table, or
+    the registry itself for every kind)."""
     n = len(ids)
     assert not decode or n == 1
     t = 1 if decode else -(-n // block_q) * block_q
@@ -34,10 +35,16 @@ def paged_step(model, pool, ids: list[int], start: int, *, decode: bool, block_q
     adapter = None
     if mix:
         block = 1 if decode else block_q
-        rows = [(s, k * block, w) for s, w in mix for k in range(t // block)]
-        empty = runner_pairs([], 0)
-        pairs = runner_pairs(rows, len(rows))
-        step = LoraStep(tables, pairs, empty) if decode else LoraStep(tables, empty, pairs)
+        sparse, parts = {}, (lambda slot: ("lora",))
+        if hasattr(tables, "sparse_tables"):  # a LoraRegistry: every kind of table it holds
+            tables, sparse, parts = tables.tables, tables.sparse_tables, tables.parts
+
+        def pairs_of(part):
+            rows = [(s, k * block, w) for s, w in mix if part in parts(s) for k in range(t // block)]
+            pairs, empty = runner_pairs(rows, max(len(rows), 1)), runner_pairs([], 0)
+            return (pairs, empty) if decode else (empty, pairs)
+
+        step = LoraStep(tables, *pairs_of("lora"), sparse, {part: pairs_of(part) for part in sparse})
         adapter = PagedLora(step, meta)
 
     @jax.jit

@@ -15,23 +15,29 @@ class AdapterPathError(AdapterError):
 
 
 def read_adapter(path: str | os.PathLike, name: str, cfg: ModelConfig, max_rank: int | None = None) -> LoraAdapter:
-    """A PEFT directory or a llama.cpp LoRA GGUF -> LoraAdapter, checked against the model."""
+    """A PEFT directory (LoRA or SHiRA), a llama.cpp LoRA GGUF or a .vdb adapter -> LoraAdapter,
+    checked against the model."""
     p = Path(path).expanduser()
     if not p.exists():
         raise AdapterError(f"adapter {name!r}: {p} does not exist")
     if p.is_dir():
         if not is_peft_dir(p):
             raise AdapterError(f"adapter {name!r}: {p} is a directory without adapter_config.json "
-                               f"(expected a PEFT LoRA directory or a .gguf LoRA file)")
+                               f"(expected a PEFT LoRA or SHiRA directory, a .gguf LoRA file or a .vdb file)")
         adapter = read_peft(p, name, cfg)
     else:
         from .gguf_lora import read_gguf_lora
 
+        from .vdb_adapter import is_vdb_file, read_adapter_vdb
+
         with open(p, "rb") as f:
             magic = f.read(4)
-        if magic != b"GGUF":
-            raise AdapterError(f"adapter {name!r}: {p} is neither a PEFT directory nor a GGUF file")
-        adapter = read_gguf_lora(p, name, cfg)
+        if magic == b"GGUF":
+            adapter = read_gguf_lora(p, name, cfg)
+        elif is_vdb_file(p):
+            adapter = read_adapter_vdb(p, name, cfg)
+        else:
+            raise AdapterError(f"adapter {name!r}: {p} is neither a PEFT directory, a GGUF file nor a VDB file")
     adapter.check_fits(cfg, max_rank)
     return adapter
 

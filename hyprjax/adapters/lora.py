@@ -55,11 +55,46 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
+    """An adapter: low-rank modules, sparse modules (sparse.py), or both (low-rank + sparse).
+
+    `kind` names which: "lora", "shira" (element-sparse only), "block-sparse", "sparse" (both
+    sparse forms) or "lora+sparse". Each part is an additive delta, so a module's update is the
+    sum of its low-rank and sparse deltas.
+    """
+
     name: str
     path: str  # where it was read from ("" for merged mixes)
     # (layer, module name) -> update: a LoraModule, or a QuantizedLoraModule (quantized.py)
     modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
     parents: tuple[str, ...] = ()  # a merged mix: the adapters it was made from
+    # (layer, module name) -> a SparseModule or BlockSparseModule (sparse.py)
+    sparse: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        kinds = {m.kind for m in self.sparse.values()}
+        sparse = "" if not kinds else "shira" if kinds == {"sparse"} else "block-sparse" if kinds == {"block"} \
+            else "sparse"
+        if self.modules:
+            return "lora+sparse" if sparse else "lora"
+        return sparse or "lora"
+
+    @property
+    def parts(self) -> frozenset:
+        """Which slot tables the adapter writes: "lora", "sparse" (element) and/or "block"."""
+        return frozenset(({"lora"} if self.modules else set()) | {m.kind for m in self.sparse.values()})
+
+    @property
+    def params(self) -> int:
+        """Trained values: rank * (din + dout) per low-rank module plus the sparse values."""
+        return sum(m.rank * (m.a.shape[0] + m.b.shape[1]) for m in self.modules.values()) + \
+            sum(m.params for m in self.sparse.values())
+
+    def density(self, cfg: ModelConfig) -> float:
+        """params over the weights of the modules it targets (1.0 = as many values as those weights)."""
+        shapes = module_shapes(cfg)
+        total = sum(shapes[name][0] * shapes[name][1] for _, name in {*self.modules, *self.sparse})
+        return self.params / total if total else 0.0
 
     @property
     def rank(self) -> int:
@@ -67,18 +102,27 @@ class LoraAdapter:
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({name for _, name in self.modules}, key=MODULES.index)
+        return sorted({name for _, name in (*self.modules, *self.sparse)}, key=MODULES.index)
 
     @property
     def nbytes(self) -> int:
-        """Host bytes of the factors as stored (packed codes and scales for a quantized adapter)."""
-        return sum(m.nbytes for m in self.modules.values())
+        """Host bytes as stored (packed codes and scales for a quantized adapter; indices included)."""
+        return sum(m.nbytes for m in self.modules.values()) + sum(m.nbytes for m in self.sparse.values())
 
     def check_fits(self, cfg: ModelConfig, max_rank: int | None = None) -> None:
         """Raise AdapterError naming the first module whose layer, shape or rank does not fit."""
-        if not self.modules:
+        if not self.modules and not self.sparse:
             raise AdapterError(f"adapter {self.name!r} ({self.path}) has no LoRA tensors for any of {MODULES}")
         shapes = module_shapes(cfg)
+        for (layer, name), m in self.sparse.items():
+            where = f"adapter {self.name!r}: layer {layer} {name} ({m.kind})"
+            if name not in shapes:
+                raise AdapterError(f"{where}: unknown target module (supported: {', '.join(MODULES)})")
+            if not 0 <= layer < cfg.num_layers:
+                raise AdapterError(f"{where}: the model has only {cfg.num_layers} layers")
+            why = m.problem(*shapes[name])
+            if why:
+                raise AdapterError(f"{where}: {why}")
         for (layer, name), m in self.modules.items():
             where = f"adapter {self.name!r}: layer {layer} {name}"
             if name not in shapes:
@@ -98,8 +142,9 @@ class LoraAdapter:
                 raise AdapterError(f"{where}: weights or scale are not finite")
 
     def delta(self, layer: int, name: str) -> np.ndarray | None:
-        m = self.modules.get((layer, name))
-        return None if m is None else m.delta()
+        """The module's dense update [din, dout] (every part summed), or None if not targeted."""
+        parts = [m.delta() for m in (self.modules.get((layer, name)), self.sparse.get((layer, name))) if m is not None]
+        return None if not parts else sum(parts[1:], parts[0])
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

@@ -8,6 +8,14 @@ pruning, sign election and disjoint mean) runs on A and on B separately. The mer
 therefore not the weighted sum of the deltas (it has cross terms); PEFT calls linear "a very
 rough approximation". The merged adapter has the sources' rank and scale 1 (PEFT sets
 lora_alpha = r), since every source's scaling is already folded into its factors.
+
+Sparse adapters (sparse.py) merge their deltas directly, which is where the math is exact:
+element-sparse modules over the union of the sources' positions, block-sparse ones over the
+union of their blocks (split to the smallest block size). linear is then the exact weighted
+sum of the deltas; ties and dare prune, elect signs and average over those values as TIES and
+DARE define them on task vectors. Merging a low-rank adapter with a sparse one, or element- with
+block-sparse, is refused: the sum has no low-rank or single sparse form (serve such a mix with
+weighted_sum, which adds each delta per token).
 """
 
 from __future__ import annotations
@@ -67,9 +75,11 @@ def merge_adapters(adapters: list[LoraAdapter], weights: list[float], strategy: 
     per adapter, a bad density or seed, or adapters whose ranks or module shapes differ.
     """
     _check_arguments(adapters, weights, strategy, density, seed)
-    _check_ranks(adapters, strategy)
     if len(adapters) == 1:
         strategy = "linear"
+    if any(a.sparse for a in adapters):
+        return _merge_sparse(adapters, weights, strategy, density, seed, name)
+    _check_ranks(adapters, strategy)
     keys = sorted({key for adapter in adapters for key in adapter.modules},
                   key=lambda key: (key[0], MODULES.index(key[1])))
     modules = {}
@@ -153,3 +163,46 @@ def _check_shapes(adapters, present, layer, module) -> None:
         found = ", ".join(f"{adapters[i].name!r} A {m.a.shape[::-1]} B {m.b.shape[::-1]}" for i, m in present)
         raise AdapterError(f"layer {layer} {module}: adapters disagree on rank or weight shape "
                            f"(lora_A/lora_B shapes as PEFT stores them): {found}")
+
+
+def _merge_sparse(adapters: list[LoraAdapter], weights: list[float], strategy: str, density, seed: int,
+                  name: str) -> LoraAdapter:
+    """Merge purely sparse adapters of one form over the union of their supports (module docstring)."""
+    from .sparse import BlockSparseModule, SparseModule
+
+    kinds = {a.kind for a in adapters}
+    if any(a.modules for a in adapters) or len(kinds) > 1 or kinds == {"sparse"}:
+        found = ", ".join(f"{a.name!r} ({a.kind})" for a in adapters)
+        raise AdapterError(f"merge strategy {strategy!r} cannot merge {found}: sparse adapters merge only with "
+                           f"sparse adapters of the same form; serve the mix with weighted_sum instead")
+    keys = sorted({k for a in adapters for k in a.sparse}, key=lambda key: (key[0], MODULES.index(key[1])))
+    out = {}
+    for layer, module in keys:
+        present = [(i, a.sparse[(layer, module)]) for i, a in enumerate(adapters) if (layer, module) in a.sparse]
+        shape = present[0][1].shape
+        rngs = [dare_rng(seed, layer, module, "a", i) for i, _ in present]
+        w = [float(weights[i]) for i, _ in present]
+        if kinds == {"shira"}:
+            mods = [m.folded() for _, m in present]
+            keys_ = [m.rows.astype(np.int64) * shape[0] + m.cols for m in mods]
+            union = np.unique(np.concatenate(keys_))
+            vals = np.zeros((len(mods), 1, union.size))
+            for j, (k, m) in enumerate(zip(keys_, mods)):
+                np.add.at(vals[j, 0], np.searchsorted(union, k), m.values)
+            merged = _combine(list(vals), w, strategy, density, rngs)[0]
+            out[(layer, module)] = SparseModule((union // shape[0]).astype(np.int32),
+                                                (union % shape[0]).astype(np.int32), merged.astype(np.float32),
+                                                shape)
+        else:
+            b = min(m.block for _, m in present)
+            mods = [m.split(b) for _, m in present]
+            nbi = shape[0] // b
+            keys_ = [m.row_blk.astype(np.int64) * nbi + m.col_blk for m in mods]
+            union = np.unique(np.concatenate(keys_))
+            vals = np.zeros((len(mods), union.size, b * b))
+            for j, (k, m) in enumerate(zip(keys_, mods)):
+                vals[j, np.searchsorted(union, k)] = m.blocks.reshape(-1, b * b)
+            merged = _combine(list(vals), w, strategy, density, rngs)
+            out[(layer, module)] = BlockSparseModule((union // nbi).astype(np.int32), (union % nbi).astype(np.int32),
+                                                     merged.reshape(-1, b, b).astype(np.float32), shape)
+    return LoraAdapter(name=name, path="", modules={}, sparse=out)

@@ -110,4 +110,5 @@ def quantize_adapter(adapter: LoraAdapter, mode: str) -> LoraAdapter:
     if mode == "none":
         return adapter
     modules = {key: QuantizedLoraModule.quantize(m, mode) for key, m in adapter.modules.items()}
-    return LoraAdapter(adapter.name, adapter.path, modules, adapter.parents)
+    # Sparse parts stay float: their values are the few that matter, already compact.
+    return LoraAdapter(adapter.name, adapter.path, modules, adapter.parents, sparse=adapter.sparse)

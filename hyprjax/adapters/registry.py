@@ -5,7 +5,19 @@ Adapters live in their own pytree, never mixed into the base weights:
     tables[module] = (a f[L, S, din, R], b f[L, S, R, dout])
 
 (one pair of arrays per module: 14 step arguments rather than one per layer) with L layers, S = `max_loras` slots and R = `max_lora_rank` (lower ranks zero-padded; the adapter's
-scale folded into `b` when its slot is written, so the kernel needs no scale array). A slot
+scale folded into `b` when its slot is written, so the kernel needs no scale array).
+
+Sparse adapters (sparse.py) have tables of their own, allocated only when their capacity is set:
+
+    sparse_tables["sparse"][module] = (idx i32[L, S, N], val f[L, S, N])         element-sparse
+    sparse_tables["block"][module] = (idx i32[L, S, NB], val f[L, S, NB, b, b])   block-sparse
+
+in the layout kernels/sparse.py reads. Capacities follow PEFT's SHiRA parameterization, r * (din
++ dout) values per module, the parameter count of a rank-r LoRA: N = `max_sparse_rank` * (din +
+dout) entries, NB = ceil(`max_block_rank` * (din + dout) / b^2) blocks of b = `sparse_block`.
+An adapter's slot fills every table its parts need (a low-rank + sparse adapter writes both the
+LoRA and a sparse table); `parts(slot)` tells the runner which pair loops a slot takes part in,
+so a step pays only for the kinds its adapters have. A slot
 holds one adapter, or one merged mix (`ties`, `dare_*`, `linear`), which is a temporary
 adapter computed once per distinct mix and cached on the host. With `quantization` int8 or int4
 the host copies of added adapters are kept quantized (quantized.py) and dequantized as a slot is
@@ -48,7 +60,14 @@ from .quantized import check_lora_quantization, quantize_adapter
 
 log = logging.getLogger("hyprjax.lora")
 
-COMBINATIONS = ("weighted_sum", "linear", "ties", "dare_linear", "dare_ties")
+# weighted_sum and sequential add each adapter's delta per token; the others merge into one adapter.
+# sequential applies the adapters in the listed order, each with its weight. Every kind served
+# here (LoRA, element- and block-sparse, low-rank + sparse) is an additive delta of the base
+# weights, W + w1 * d1 + w2 * d2 + ..., so the order cannot change the result: sequential equals
+# weighted_sum exactly (tested), and shares its prefix cache.
+COMBINATIONS = ("weighted_sum", "sequential", "linear", "ties", "dare_linear", "dare_ties")
+PER_TOKEN = ("weighted_sum", "sequential")
+PARTS = ("lora", "sparse", "block")
 
 
 class AdapterNotFoundError(AdapterError):
@@ -118,7 +137,8 @@ class LoraRegistry:
     """
 
     def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None,
-                 sharding=None, quantization: str = "none"):
+                 sharding=None, quantization: str = "none", max_sparse_rank: int = 0, max_block_rank: int = 0,
+                 sparse_block: int = 16):
         if max_loras < 1:
             raise AdapterError(f"max_loras={max_loras} must be >= 1 to serve adapters")
         self.cfg, self.max_loras, self.max_rank, self.dtype = cfg, max_loras, max_rank, dtype
@@ -128,10 +148,27 @@ class LoraRegistry:
         # sharding: module -> (a, b) NamedShardings under tensor parallelism (hyprjax.sharding.
         # lora_table_sharding), or None; slot writes keep the tables placed so (out_shardings).
         self._table_shardings = None if sharding is None else {m: sharding(m) for m in self._shapes}
+        self.sparse_block = sparse_block
+        self.capacity = {}  # part -> module -> entries (element) or blocks per slot and layer
+        if max_sparse_rank:
+            self.capacity["sparse"] = {m: max_sparse_rank * (din + dout) for m, (din, dout) in self._shapes.items()}
+        if max_block_rank:
+            self.capacity["block"] = {m: -(-max_block_rank * (din + dout) // sparse_block ** 2)
+                                      for m, (din, dout) in self._shapes.items() if not (din % sparse_block
+                                                                                         or dout % sparse_block)}
+        self._sparse_placement = None  # replicated over the tensor-parallel mesh, if any
+        if self._table_shardings:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            self._sparse_placement = NamedSharding(next(iter(self._table_shardings.values()))[0].mesh,
+                                                   PartitionSpec())
         self.tables = self._zero_tables()
+        self.sparse_tables = self._zero_sparse_tables()
+        self._slot_parts: list[frozenset] = [frozenset()] * max_loras
         self._set = jax.jit(_set_slot, donate_argnums=0, **({} if sharding is None else
                                                            dict(out_shardings=self._table_shardings)))
-        self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writer now, not while serving
+        self._set_sparse = jax.jit(_set_slot, donate_argnums=0)
+        self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writers now, not while serving
         self._adapters: dict[str, LoraAdapter] = {}  # loaded by users
         self._merged: OrderedDict[str, LoraAdapter] = OrderedDict()  # mixes, least recently used first
         self._ids: dict[str, int] = {}  # name -> load generation (reloading a name never reuses K/V)
@@ -145,10 +182,48 @@ class LoraRegistry:
         self._lock = threading.RLock()  # held by every change to the names prepare() reads
         self._preparing: dict[str, Future] = {}  # merge key -> its merge in progress (guarded by _lock)
         self.evictions = 0
+        self.merged_into: str | None = None  # merged mode: the adapter added into the base weights
+        self._merge_record = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in jax.tree.leaves(self.tables))
+        return sum(t.nbytes for t in jax.tree.leaves((self.tables, self.sparse_tables)))
+
+    def parts(self, slot: int) -> frozenset:
+        """The tables slot `slot` has values in: "lora", "sparse", "block" (kernels to run for it)."""
+        return self._slot_parts[slot]
+
+    def describe(self, name: str) -> dict:
+        """An adapter's kind, density, bytes (as kept on the host), trained values and rank, for /v1/models."""
+        a = self._adapters[name]
+        return {"kind": a.kind, "density": round(a.density(self.cfg), 6), "bytes": a.nbytes, "params": a.params,
+                "rank": a.rank, "path": a.path}
+
+    def _check_capacity(self, adapter: LoraAdapter) -> None:
+        """AdapterError naming the first sparse module that has no table or does not fit its capacity."""
+        setting = {"sparse": "max_sparse_rank (--max-sparse-rank)", "block": "max_block_rank (--max-block-rank)"}
+        for (layer, module), m in adapter.sparse.items():
+            part = m.kind
+            where = f"adapter {adapter.name!r}: layer {layer} {module}"
+            if part not in self.capacity:
+                raise AdapterError(f"{where} is {'element' if part == 'sparse' else 'block'}-sparse, and this "
+                                   f"engine has no table for it: start it with {setting[part]} >= 1")
+            cap = self.capacity[part].get(module)
+            if cap is None:
+                raise AdapterError(f"{where}: block size {self.sparse_block} does not divide the weight")
+            if part == "block":
+                if m.block % self.sparse_block:
+                    raise AdapterError(f"{where}: blocks of {m.block} are not multiples of the engine's "
+                                       f"{self.sparse_block}")
+                need = m.nblocks * (m.block // self.sparse_block) ** 2
+            else:
+                need = m.nnz
+            if need > cap:
+                din, dout = self._shapes[module]
+                unit = "blocks" if part == "block" else "entries"
+                r = need * (self.sparse_block ** 2 if part == "block" else 1) / (din + dout)
+                raise AdapterError(f"{where} has {need} {unit}, more than the slot's {cap} ({setting[part]} is "
+                                   f"too small: this module needs {math.ceil(r)})")
 
     # ---- adapters by name -----------------------------------------------------------------
 
@@ -159,6 +234,7 @@ class LoraRegistry:
         if adapter.name in self._adapters:
             raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
         adapter.check_fits(self.cfg, self.max_rank)
+        self._check_capacity(adapter)
         stored = quantize_adapter(adapter, self.quantization)  # a copy: the caller's adapter stays float
         with self._lock:
             self._adapters[adapter.name] = stored
@@ -167,8 +243,8 @@ class LoraRegistry:
         if stored is not adapter:
             kept = (f"; kept as {self.quantization}: {stored.nbytes / 2**20:.2f} MiB, "
                     f"{(adapter.nbytes - stored.nbytes) / 2**20:.2f} MiB saved")
-        log.info("adapter %r loaded from %s (rank %d, %s%s)", adapter.name, adapter.path, adapter.rank,
-                 ", ".join(adapter.target_modules), kept)
+        log.info("adapter %r loaded from %s (%s, rank %d, density %.4f, %s%s)", adapter.name, adapter.path,
+                 adapter.kind, adapter.rank, adapter.density(self.cfg), ", ".join(adapter.target_modules), kept)
 
     def names(self) -> dict[str, str]:
         """Adapters new requests may use: name -> path. Read from the server's thread too (a copy)."""
@@ -185,6 +261,8 @@ class LoraRegistry:
         """Unload `name`: at once if no request holds it (True), else when the last one ends (False)."""
         if name not in self._adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        if name == self.merged_into:
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge it before unloading it")
         with self._lock:
             self._unloading.add(name)
         for key in [k for k, a in self._merged.items() if name in a.parents]:
@@ -228,9 +306,9 @@ class LoraRegistry:
             raise AdapterError(f"lora_adapters {list(req.adapters)} names an adapter twice")
         if len(req.weights) != len(req.adapters):
             raise AdapterError(f"{len(req.weights)} lora weights for {len(req.adapters)} adapters")
-        if len(req.adapters) > self.max_loras and req.strategy == "weighted_sum":  # a merge takes one slot
-            raise AdapterError(f"a weighted_sum of {len(req.adapters)} adapters exceeds --max-loras {self.max_loras} "
-                               f"(one slot each); use fewer, or a merge strategy")
+        if len(req.adapters) > self.max_loras and req.strategy in PER_TOKEN:  # a merge takes one slot
+            raise AdapterError(f"a {req.strategy} of {len(req.adapters)} adapters exceeds --max-loras "
+                               f"{self.max_loras} (one slot each); use fewer, or a merge strategy")
         for name, w in zip(req.adapters, req.weights):
             if name not in self:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self.names()) or 'none'})")
@@ -255,7 +333,7 @@ class LoraRegistry:
         unload of a parent waits for the request too. Every resolve needs a `release`.
         """
         self.check(req)
-        if req.strategy == "weighted_sum":
+        if req.strategy in PER_TOKEN:
             mix = tuple(zip(req.adapters, req.weights))
             held = req.adapters
         else:
@@ -264,7 +342,58 @@ class LoraRegistry:
         for name in held:
             self._refs[name] += 1
         salt = hashlib.blake2b(repr([(n, self._ids[n], w) for n, w in mix]).encode(), digest_size=16).digest()
-        return ResolvedMix(mix, held, salt)
+        return ResolvedMix(self._past_merged(mix), held, salt)
+
+    # ---- merged mode ------------------------------------------------------------------------
+
+    def _past_merged(self, mix: tuple) -> tuple:
+        """The mix to add per token over weights that hold `merged_into`: its own weight less 1.
+
+        A request of the merged adapter alone adds nothing (the base step); any other request
+        adds the merged adapter with weight -1 besides its own, so every request sees exactly
+        the weights it asked for (up to float rounding: W + d - d, computed per token). Its
+        prefix-cache salt stays that of the mix it asked for."""
+        m = self.merged_into
+        if m is None:
+            return mix
+        weights = dict(mix)
+        weights[m] = weights.get(m, 0.0) - 1.0
+        return tuple((n, w) for n, w in weights.items() if w != 0.0)
+
+    def resolve_base(self) -> ResolvedMix | None:
+        """What a request of the base model applies: nothing, or -1 x the merged adapter."""
+        return None if self.merged_into is None else ResolvedMix(self._past_merged(()), (), b"")
+
+    def merge(self, name: str, sites: dict) -> None:
+        """Add adapter `name` into the kernels `sites` reaches (merged.py) and serve it from there.
+
+        The caller makes sure no request runs (their mixes were resolved for the old weights).
+        The adapter stays held while merged: it cannot be unloaded until `unmerge`."""
+        from .merged import merge_into
+
+        if self.merged_into is not None:
+            raise AdapterError(f"adapter {self.merged_into!r} is merged already; unmerge it first")
+        if name not in self:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {sorted(self.names()) or 'none'})")
+        self._merge_record = merge_into(sites, self._adapters[name])
+        self._refs[name] += 1
+        self.merged_into = name
+        log.info("adapter %r merged into the base weights", name)
+
+    def unmerge(self, sites: dict) -> str | None:
+        """Restore the kernels exactly as they were before `merge`; returns the adapter's name."""
+        from .merged import unmerge
+
+        name = self.merged_into
+        if name is None:
+            return None
+        unmerge(sites, self._merge_record)
+        self.merged_into, self._merge_record = None, None
+        self._refs[name] -= 1
+        if not self._refs[name]:
+            del self._refs[name]
+        log.info("adapter %r unmerged: base weights restored", name)
+        return name
 
     def prepare(self, req: LoraRequest) -> PreparedMerge | None:
         """Compute the merged adapter a merge-strategy request needs, on the calling thread.
@@ -274,7 +403,7 @@ class LoraRegistry:
         AdapterError when the adapters cannot be merged.
         """
         self.check(req)
-        if req.strategy == "weighted_sum":
+        if req.strategy in PER_TOKEN:
             return None
         with self._lock:
             gone = [n for n in req.adapters if n not in self]
@@ -310,6 +439,7 @@ class LoraRegistry:
                                 name=key)
         merged.parents = tuple(req.adapters)
         merged.check_fits(self.cfg, self.max_rank)
+        self._check_capacity(merged)  # a union of supports may outgrow a slot
         return merged
 
     def _merge(self, req: LoraRequest, prepared: PreparedMerge | None) -> str:
@@ -397,13 +527,25 @@ class LoraRegistry:
                     jnp.zeros((nl, s, r, dout), self.dtype, device=at.get(m, (None, None))[1]))
                 for m, (din, dout) in self._shapes.items()}
 
+    def _zero_sparse_tables(self) -> dict:
+        nl, s, b = self.cfg.num_layers, self.max_loras, self.sparse_block
+        at = self._sparse_placement
+        out = {}
+        for part, caps in self.capacity.items():
+            tail = (b, b) if part == "block" else ()
+            out[part] = {m: (jnp.zeros((nl, s, n), jnp.int32, device=at), jnp.zeros((nl, s, n, *tail), self.dtype,
+                                                                                     device=at))
+                         for m, n in caps.items()}
+        return out
+
     def tables_lost(self) -> bool:
         """Were the slot tables donated to a slot write that failed (so they are deleted now)?"""
-        return any(t.is_deleted() for t in jax.tree.leaves(self.tables))
+        return any(t.is_deleted() for t in jax.tree.leaves((self.tables, self.sparse_tables)))
 
     def reset_tables(self) -> None:
         """Rebuild the slot tables from the host copies of every resident adapter (after `tables_lost`)."""
         self.tables = self._zero_tables()
+        self.sparse_tables = self._zero_sparse_tables()
         for name, slot in self._slot_of.items():
             self._write_slot(slot, self._get(name))
 
@@ -422,4 +564,48 @@ class LoraRegistry:
                     a[layer, :, :mod.rank] = mod.a
                     b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
             values[m] = (jax.device_put(a.astype(self.dtype)), jax.device_put(b.astype(self.dtype)))
+        self._slot_parts[slot] = frozenset()  # a failed write below leaves the slot unused, not half-read
         self.tables = self._set(self.tables, np.int32(slot), values)
+        if self.sparse_tables:
+            values = {part: {m: _sparse_slot(adapter, m, part, nl, n, self._shapes[m], self.sparse_block, self.dtype)
+                             for m, n in caps.items()} for part, caps in self.capacity.items()}
+            self.sparse_tables = self._set_sparse(self.sparse_tables, np.int32(slot), values)
+        self._slot_parts[slot] = adapter.parts
+
+
+def _sparse_slot(adapter: LoraAdapter, module: str, part: str, nl: int, cap: int, shape, b: int, dtype):
+    """Host (idx i32[L, cap], val [L, cap(, b, b)]) of one adapter's `part` of `module`, in the
+    sorted, padded layout of kernels/sparse.py (scale folded into the values)."""
+    din, dout = shape
+    idx = np.zeros((nl, cap), np.int32)
+    val = np.zeros((nl, cap) + ((b, b) if part == "block" else ()), np.float32)
+    for layer in range(nl):
+        m = adapter.sparse.get((layer, module))
+        if m is None or m.kind != part:
+            continue
+        if part == "sparse":
+            m = m.folded()
+            flat = m.cols.astype(np.int64) * dout + m.rows
+            order = np.argsort(flat, kind="stable")
+            n = flat.size
+            idx[layer, :n], val[layer, :n] = flat[order], m.values[order]
+        else:
+            m = m.split(b)
+            flat = m.row_blk.astype(np.int64) * (din // b) + m.col_blk  # sorted by split()
+            n = flat.size
+            idx[layer, :n], val[layer, :n] = flat, m.blocks
+        if 0 < n < cap:
+            idx[layer, n:] = idx[layer, n - 1]  # padding repeats the last index with value 0: stays sorted
+    return jax.device_put(idx), jax.device_put(val.astype(dtype))
+
+
+def sparse_capacity(adapters: list[LoraAdapter], cfg: ModelConfig, sparse_block: int = 16) -> tuple[int, int]:
+    """(max_sparse_rank, max_block_rank) just large enough for every sparse module of `adapters`
+    (0 where none has that kind): the capacities `serve` sizes its tables by by default."""
+    need = {"sparse": 0, "block": 0}
+    for adapter in adapters:
+        for (_, module), m in adapter.sparse.items():
+            din, dout = m.shape
+            values = m.nnz if m.kind == "sparse" else m.nblocks * m.block ** 2
+            need[m.kind] = max(need[m.kind], math.ceil(values / (din + dout)))
+    return need["sparse"], need["block"]

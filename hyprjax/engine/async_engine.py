@@ -102,6 +102,14 @@ class AsyncEngine:
         lora = None if self.engine is None else self.engine.lora
         return {} if lora is None else lora.names()
 
+    def adapter_info(self, name: str) -> dict:
+        """Kind, density, bytes, params and rank of a loaded adapter ({} if it is gone); any thread."""
+        lora = None if self.engine is None else self.engine.lora
+        try:
+            return {} if lora is None else {k: v for k, v in lora.describe(name).items() if k != "path"}
+        except KeyError:  # unloaded since the caller listed it
+            return {}
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Read an adapter (off the event loop and the engine thread), then register it between steps."""
         from ..adapters.load import read_adapter

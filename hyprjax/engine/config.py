@@ -30,6 +30,11 @@ class EngineConfig:
     max_logprobs: int = 20  # top_logprobs at most
     max_loras: int = 0  # LoRA slots on the device (0: no adapters; no LoRA code is compiled)
     max_lora_rank: int = 16  # every slot's rank; adapters of lower rank are zero-padded
+    # sparse adapters' slot capacity, as PEFT SHiRA's r: r * (din + dout) values per module (the
+    # parameter count of a rank-r LoRA); 0: no table for that kind (adapters/registry.py)
+    max_sparse_rank: int = 0  # element-sparse (SHiRA)
+    max_block_rank: int = 0  # block-sparse
+    sparse_block: int = 16  # the block tables' block size (adapters in multiples of it are split)
     # how loaded adapters are kept on the host: none (floats) | int8 (a scale per rank vector) |
     # int4 (a scale per 128 along it); dequantized into the (float) slots (adapters/quantized.py)
     lora_quantization: str = "none"
@@ -52,6 +57,12 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_loras" else 1):
                 raise ConfigError(f"engine setting {name} must be an integer >= {0 if name == 'max_loras' else 1}, "
                                   f"got {value!r}")
+        for name in ("max_sparse_rank", "max_block_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"engine setting {name} must be an integer >= 0, got {value!r}")
+        if self.sparse_block not in (16, 32):
+            raise ConfigError(f"engine setting sparse_block must be 16 or 32, got {self.sparse_block!r}")
         check_lora_quantization(self.lora_quantization)
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")

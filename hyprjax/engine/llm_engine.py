@@ -135,13 +135,20 @@ class LLMEngine:
         self.lora = None
         if ecfg.max_loras:
             self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype,
-                                     sharding=lora_table_sharding(cfg, mesh), quantization=ecfg.lora_quantization)
-            log.info("LoRA slot table: %d slots of rank %d (%.1f MiB); adapters kept on the host as %s",
-                     ecfg.max_loras, ecfg.max_lora_rank, self.lora.nbytes / 2**20,
+                                     sharding=lora_table_sharding(cfg, mesh), quantization=ecfg.lora_quantization,
+                                     max_sparse_rank=ecfg.max_sparse_rank, max_block_rank=ecfg.max_block_rank,
+                                     sparse_block=ecfg.sparse_block)
+            sparse = "".join(f", {part} capacity of rank {r}" for part, r in
+                             (("element-sparse", ecfg.max_sparse_rank), ("block-sparse", ecfg.max_block_rank)) if r)
+            log.info("adapter slot tables: %d slots of rank %d%s (%.1f MiB); adapters kept on the host as %s",
+                     ecfg.max_loras, ecfg.max_lora_rank, sparse, self.lora.nbytes / 2**20,
                      "floats" if ecfg.lora_quantization == "none" else ecfg.lora_quantization)
+        reg = self.lora
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,
                                   backend=self.backend, interpret=interpret, mesh=mesh,
-                                  lora_tables=(lambda: self.lora.tables) if self.lora is not None else None)
+                                  lora_tables=(lambda: reg.tables) if reg is not None else None,
+                                  sparse_tables=(lambda: reg.sparse_tables) if reg is not None else None,
+                                  slot_parts=reg.parts if reg is not None else None)
         log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
                  ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
@@ -180,6 +187,8 @@ class LLMEngine:
             if self.lora is None:
                 raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
             resolved = self.lora.resolve(lora, prepared)  # holds its adapters: released on any failure below
+        elif self.lora is not None:
+            resolved = self.lora.resolve_base()  # merged mode: the base model is the weights less the adapter
         try:
             return self._add(prompt_token_ids, params, request_id, logprobs, resolved)
         except BaseException:
@@ -238,6 +247,30 @@ class LLMEngine:
         if self.lora is None:
             raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
         return self.lora.remove(name)
+
+    def merge_adapter(self, name: str) -> None:
+        """Merged mode: add adapter `name` into the base weights (hyprjax/adapters/merged.py).
+
+        Requests naming it alone then run the base model's step; every other request, the base
+        model's included, adds it back out per token. Only while no request is unfinished (their
+        mixes were resolved for the old weights); the prefix cache is dropped, since the pages
+        it holds were computed under the old weights."""
+        if self.lora is None:
+            raise HyprjaxError("this engine serves no adapters (start it with max_loras >= 1)")
+        if self.has_unfinished():
+            raise HyprjaxError("an adapter can only be merged or unmerged while no request is running")
+        self.lora.merge(name, self.runner.kernel_sites())
+        self.block_manager.reset()
+
+    def unmerge_adapter(self) -> str | None:
+        """Leave merged mode: the base weights are restored exactly; returns the adapter's name."""
+        if self.lora is None or self.lora.merged_into is None:
+            return None
+        if self.has_unfinished():
+            raise HyprjaxError("an adapter can only be merged or unmerged while no request is running")
+        name = self.lora.unmerge(self.runner.kernel_sites())
+        self.block_manager.reset()
+        return name
 
     def _admit_lora(self, seq: Sequence) -> bool:
         """Scheduler hook: pin the head of the queue's adapters in slots, or keep it waiting."""

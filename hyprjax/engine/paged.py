@@ -4,7 +4,8 @@ The model (hyprjax/model.py) knows no step layout; the runner hands it
 
   * `PagedAttention(meta)`: writes each layer's new K/V into the stacked pool and attends
     through the page tables (kernels/paged_attention.py);
-  * `PagedLora(step, meta)`: adds each token's adapter deltas (kernels/lora.py).
+  * `PagedLora(step, meta)`: adds each token's adapter deltas (kernels/lora.py, and
+    kernels/sparse.py for sparse adapters).
 
 A step's T tokens are laid out as [Td decode tokens | Tp prefill tokens]; prefill tokens come in
 query blocks of `block_q` rows, each block of one sequence.
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
 from ..kernels.lora import LoraPairs, lora_apply
+from ..kernels.sparse import sparse_apply
 from ..kernels.paged_attention import paged_attention
 from ..model import Layer
 
@@ -135,6 +137,10 @@ class LoraStep:
     tables: dict[str, tuple[jax.Array, jax.Array]]  # module -> (a f[L, S, din, R], b f[L, S, R, dout]) (registry.py)
     dec: LoraPairs
     pf: LoraPairs
+    # sparse adapters: part ("sparse" | "block") -> module -> (idx, val) (registry.sparse_tables),
+    # and each part's own (decode, prefill) pairs: only slots holding that part take part.
+    sparse: dict = field(default_factory=dict)
+    sparse_pairs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,16 +157,24 @@ class PagedLora:
     per_layer: None = None
 
     def __call__(self, module: str, layer: Layer, x, y):
-        if module not in self.step.tables:
-            return y
-        a, b = self.step.tables[module]
         meta = self.meta
         kw = dict(td=meta.num_decode, block_q=meta.block_q, backend=meta.backend, interpret=meta.interpret)
-        if meta.sharding is not None and meta.backend == "pallas":
-            out = _sharded_lora(meta.sharding, module, y[0], x[0], a, b, self.step.dec, self.step.pf, layer.index,
-                                **kw)
-        else:
-            out = lora_apply(y[0], x[0], a, b, self.step.dec, self.step.pf, layer=layer.index, **kw)
+        out = y[0]
+        if module in self.step.tables:
+            a, b = self.step.tables[module]
+            if meta.sharding is not None and meta.backend == "pallas":
+                out = _sharded_lora(meta.sharding, module, out, x[0], a, b, self.step.dec, self.step.pf, layer.index,
+                                    **kw)
+            else:
+                out = lora_apply(out, x[0], a, b, self.step.dec, self.step.pf, layer=layer.index, **kw)
+        for part, tables in self.step.sparse.items():
+            if module in tables:
+                idx, val = tables[module]
+                dec, pf = self.step.sparse_pairs[part]
+                # Under tensor parallelism sparse tables are replicated and GSPMD partitions the
+                # XLA path; the Pallas kernel would need a shard_map of its own.
+                skw = kw if meta.sharding is None else {**kw, "backend": "xla"}
+                out = sparse_apply(out, x[0], part, idx, val, dec, pf, layer=layer.index, **skw)
         return out[None]
 
 

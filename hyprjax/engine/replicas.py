@@ -98,6 +98,9 @@ class Replicas:
     def adapters(self) -> dict[str, str]:
         return self.engines[0].adapters()
 
+    def adapter_info(self, name: str) -> dict:
+        return self.engines[0].adapter_info(name)
+
     async def load_adapter(self, name: str, path: str) -> None:
         done = []
         try:

@@ -86,9 +86,11 @@ class ModelRunner:
     """Owns the device state (weights, KV pool, penalty tables) and the compiled step buckets."""
 
     def __init__(self, model, cfg: ModelConfig, ecfg: EngineConfig, *, num_pages: int, max_model_len: int,
-                 backend: str, interpret: bool = False, lora_tables=None, mesh=None):
+                 backend: str, interpret: bool = False, lora_tables=None, mesh=None, sparse_tables=None,
+                 slot_parts=None):
         self.cfg, self.ecfg = cfg, ecfg
         self.graphdef, self.state = nnx.split(model)
+        self._model = model  # its kernels share arrays with self.state: merged mode updates both
         if mesh is not None:  # a no-op for weights the caller already placed (LLM, serve)
             self.state = shard_params(self.state, cfg, mesh)
         dtype = model.compute_dtype  # weights may be int8 (hyprjax/quant.py)
@@ -100,6 +102,8 @@ class ModelRunner:
         self._kernel_sharding = kernel_sharding(cfg, mesh)
         self.reset_state()
         self.lora_tables = lora_tables  # callable -> the registry's current slot tables, or None
+        self.sparse_tables = sparse_tables or dict  # callable -> the registry's sparse tables ({} if none)
+        self.slot_parts = slot_parts or (lambda slot: _LOW_RANK)  # slot -> its parts ("lora", "sparse", "block")
         kw = dict(max_logprobs=ecfg.max_logprobs, shardings=self.shardings)
         if isinstance(model.layers, nnx.List):  # one array per layer (CPU): a program per layer (step.py)
             graph, self.state = split_layerwise(self.graphdef, self.state, cfg, self.shardings and self.shardings.replicated)
@@ -111,6 +115,61 @@ class ModelRunner:
         self._mixed_decode_buckets = ecfg.mixed_decode_buckets()
         self._prefill_buckets = ecfg.prefill_buckets()
         self._lora_decode_buckets, self._lora_prefill_buckets = ecfg.lora_buckets()
+
+    def kernel_sites(self) -> dict:
+        """(layer, module) -> (get, set) over each float linear kernel [din, dout] the step reads,
+        for merged mode (hyprjax/adapters/merged.py). `set` replaces the array in the step's
+        state and in the model's Param alike, so both keep sharing it. Kernels that are
+        quantized, or that the step does not share with the model (placed anew under tensor
+        parallelism), have no site."""
+        from ..adapters.lora import MODULE_BLOCK
+        from ..adapters.merged import stacked_site
+        from .step import LayerwiseState
+
+        def param(layer_module, module):
+            p = getattr(getattr(getattr(layer_module, MODULE_BLOCK[module]), module, None), "kernel", None)
+            ok = isinstance(p, nnx.Variable) and jnp.issubdtype(p.get_value().dtype, jnp.floating)
+            return p if ok else None
+
+        sites = {}
+        if isinstance(self.state, LayerwiseState):
+            for i, layer_module in enumerate(self._model.layers):
+                for module in MODULE_BLOCK:
+                    p = param(layer_module, module)
+                    j = None if p is None else next((j for j, a in enumerate(self.state.layers[i]) if a is p.get_value()),
+                                                    None)
+                    if j is None:
+                        continue
+
+                    def get(i=i, j=j):
+                        return self.state.layers[i][j]
+
+                    def put(value, i=i, j=j, p=p):
+                        self.state.layers[i][j] = value
+                        p.set_value(value)
+
+                    sites[i, module] = (get, put)
+            return sites
+        for module in MODULE_BLOCK:
+            p = param(self._model.layers, module)
+            if p is None:
+                continue
+
+            def get_stack(p=p):
+                return p.get_value()
+
+            def set_stack(value, p=p):
+                leaves, treedef = jax.tree_util.tree_flatten(self.state)
+                at = next((k for k, a in enumerate(leaves) if a is p.get_value()), None)
+                assert at is not None, "the step's state no longer shares this kernel with the model"
+                leaves[at] = value
+                self.state = jax.tree_util.tree_unflatten(treedef, leaves)
+                p.set_value(value)
+
+            if any(a is p.get_value() for a in jax.tree_util.tree_leaves(self.state)):
+                for i in range(self.cfg.num_layers):
+                    sites[i, module] = stacked_site(get_stack, set_stack, i)
+        return sites
 
     def reset_state(self) -> None:
         """Fresh KV pool and penalty tables (zeros), e.g. after a failed step deleted the donated
@@ -176,18 +235,22 @@ class ModelRunner:
             params[row], keys[row] = r.params, r.key
             return n
 
-        dec_pairs, pf_pairs = [], []  # (slot, start, weight)
+        dec_pairs, pf_pairs = {}, {}  # part -> [(slot, start, weight)]
         for i, r in enumerate(decodes):
             place(i, r, i)
             dec_seq[i] = i
-            dec_pairs += [(slot, i, w) for slot, w in r.lora]
+            for slot, w in r.lora:
+                for part in self.slot_parts(slot):
+                    dec_pairs.setdefault(part, []).append((slot, i, w))
         at = td
         for j, r in enumerate(prefills):
             row = td + j
             n = place(row, r, at)
             blocks = -(-n // bq)
             pf_seq[(at - td) // bq:(at - td) // bq + blocks] = row
-            pf_pairs += [(slot, at - td + k * bq, w) for slot, w in r.lora for k in range(blocks)]
+            for slot, w in r.lora:
+                for part in self.slot_parts(slot):
+                    pf_pairs.setdefault(part, []).extend((slot, at - td + k * bq, w) for k in range(blocks))
             at += blocks * bq
         want_lp = any(r.wants_logprobs and r.samples for r in decodes + prefills)
         # device_put, not jnp.asarray: in JAX 0.10 the latter stages numpy arrays through a
@@ -198,11 +261,16 @@ class ModelRunner:
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
                          put(active), put(np.asarray(want_lp)))
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
-        lora = None
-        if dec_pairs or pf_pairs:
-            lora = LoraStep(self.lora_tables(), _pairs(dec_pairs, td * self.ecfg.max_loras),
-                            _pairs(pf_pairs, tp // bq * self.ecfg.max_loras))
+        lora = self._lora_step(td, tp, dec_pairs, pf_pairs) if with_lora else None
         return inp, SamplingArrays.from_rows(params, keys), lora, order
+
+    def _lora_step(self, td: int, tp: int, dec_pairs: dict, pf_pairs: dict) -> LoraStep:
+        """The step's adapter tables and pairs, per part (padded to the bucket's capacity)."""
+        nd, np_ = td * self.ecfg.max_loras, tp // self.ecfg.block_q * self.ecfg.max_loras
+        sparse = self.sparse_tables()
+        return LoraStep(self.lora_tables(), _pairs(dec_pairs.get("lora", []), nd), _pairs(pf_pairs.get("lora", []), np_),
+                        sparse, {part: (_pairs(dec_pairs.get(part, []), nd), _pairs(pf_pairs.get(part, []), np_))
+                                 for part in sparse})
 
     # ---- running --------------------------------------------------------------------------
 
@@ -230,10 +298,7 @@ class ModelRunner:
         for d, p, with_lora in bar:
             bar.set_postfix_str(f"decode={d} prefill={p}" + (" lora" if with_lora else ""))
             inp = self._padding_inputs(d, p)
-            lora = None
-            if with_lora:
-                lora = LoraStep(self.lora_tables(), _pairs([], d * self.ecfg.max_loras),
-                                _pairs([], p // self.ecfg.block_q * self.ecfg.max_loras))
+            lora = self._lora_step(d, p, {}, {}) if with_lora else None
             out = self._step(self.state, self.cache, self.counts, self.seen, inp,
                              SamplingArrays.from_rows([_GREEDY] * inp.row_slot.shape[0],
                                                       np.zeros((inp.row_slot.shape[0], 2), np.uint32)), lora)
@@ -265,6 +330,7 @@ class ModelRunner:
 
 
 _GREEDY = SamplingParams(temperature=0.0)
+_LOW_RANK = frozenset({"lora"})
 
 
 def _pairs(pairs: list[tuple[int, int, float]], capacity: int) -> LoraPairs:

@@ -6,7 +6,8 @@ data and `jax.grad` sees nothing else: the base weights are arguments, never lea
 differentiated, and no gradient or optimizer buffer exists for them. The leaves stay float32
 (the master copy the optimizer updates); `TrainLora` casts them to the activations' dtype at
 use, so a bfloat16 model computes in bfloat16 and the cast's transpose hands back float32
-gradients.
+gradients. The sparse kinds add compact value leaves beside (or instead of) "a"/"b" and a
+separate pytree of fixed indices (training/sparse.py); the same seam adds them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..adapters.lora import MODULES, AdapterError, LoraAdapter, LoraModule, module_shapes
 from ..config import ModelConfig
+from .sparse import add_sparse
 
 
 def check_targets(targets) -> tuple[str, ...]:
@@ -42,23 +44,34 @@ def init_lora(cfg: ModelConfig, rank: int, targets, key: jax.Array) -> dict:
 
 
 class TrainLora:
-    """The model's adapter seam over trainable LoRA leaves: `y + scale * (x @ a) @ b` per module."""
+    """The model's adapter seam over trainable leaves: `y + scale * (x @ a) @ b` per module, plus
+    the module's sparse parts (training/sparse.py) where its leaves hold them.
 
-    def __init__(self, params: dict, scale: float):
+    `masks` (sparse kinds) are the sparse parts' int32 indices: merged into each module's
+    per-layer slice beside the leaves, but never differentiated (they are not in `params`).
+    """
+
+    def __init__(self, params: dict, scale: float, masks: dict | None = None):
+        if masks:
+            params = {m: {**params.get(m, {}), **masks.get(m, {})} for m in {**params, **masks}}
         self.per_layer = params  # sliced per layer by the model into `layer.adapter`
         self.scale = scale
 
     def __call__(self, module, layer, x, y):
-        ab = layer.adapter.get(module)
-        if ab is None:
+        p = layer.adapter.get(module)
+        if p is None:
             return y
-        a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)
         # Rows flattened to [B*T, din]: the factor gradients then contract one dimension, a plain
         # GEMM; contracting (B, T) of a 3-D x took XLA:CPU's slow generic dot (measured: LoRA on six
         # more modules cost 0.57 s per Qwen3-0.6B layer and step at 4 x 512 tokens, against 0.04 s).
         x2 = x.reshape(-1, x.shape[-1])
-        delta = jnp.dot(jnp.dot(x2, a), b) * jnp.asarray(self.scale, x.dtype)
-        return y + delta.reshape(*y.shape[:-1], -1).astype(y.dtype)
+        if "a" in p:
+            a, b = p["a"].astype(x.dtype), p["b"].astype(x.dtype)
+            delta = jnp.dot(jnp.dot(x2, a), b) * jnp.asarray(self.scale, x.dtype)
+            y = y + delta.reshape(*y.shape[:-1], -1).astype(y.dtype)
+        if len(p) > ("a" in p) + ("b" in p):
+            y = add_sparse(p, x2, y)
+        return y
 
 
 def to_adapter(params: dict, scale: float, name: str, path: str = "") -> LoraAdapter:
@@ -73,8 +86,8 @@ def to_adapter(params: dict, scale: float, name: str, path: str = "") -> LoraAda
 
 
 def from_adapter(adapter: LoraAdapter, cfg: ModelConfig) -> tuple[dict, float]:
-    """A LoraAdapter that targets whole modules (every layer, one rank and scale) as trainable
-    leaves: continuing training from a saved adapter."""
+    """A LoraAdapter's low-rank modules (every layer of a module, one rank and scale) as trainable
+    leaves: continuing training from a saved adapter (sparse parts: sparse.from_modules)."""
     adapter.check_fits(cfg)
     scales = {m.scale for m in adapter.modules.values()}
     ranks = {m.rank for m in adapter.modules.values()}
@@ -82,7 +95,7 @@ def from_adapter(adapter: LoraAdapter, cfg: ModelConfig) -> tuple[dict, float]:
         raise AdapterError(f"adapter {adapter.name!r}: training continues only adapters with one rank and "
                            f"one scale for all modules (found ranks {sorted(ranks)}, scales {sorted(scales)})")
     params = {}
-    for module in adapter.target_modules:
+    for module in sorted({name for _, name in adapter.modules}, key=MODULES.index):
         layers = [adapter.modules.get((i, module)) for i in range(cfg.num_layers)]
         if any(m is None for m in layers):
             raise AdapterError(f"adapter {adapter.name!r}: {module} is adapted in some layers only")

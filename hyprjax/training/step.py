@@ -52,12 +52,15 @@ def schedule_value(lr: float, steps: int, warmup: int, step: int) -> float:
     return float(make_schedule(lr, steps, warmup)(step))
 
 
-def loss_sums(lora: dict, base, graphdef, batch: dict, *, scale: float, remat: int = 0, remat_policy=None):
-    """(summed cross-entropy over target tokens, their count) for one batch of packed rows [B, S]."""
+def loss_sums(lora: dict, base, graphdef, batch: dict, *, scale: float, remat: int = 0, remat_policy=None,
+              masks: dict | None = None):
+    """(summed cross-entropy over target tokens, their count) for one batch of packed rows [B, S].
+
+    `masks`: the sparse kinds' fixed indices (training/sparse.py), an argument, not differentiated."""
     model = nnx.merge(graphdef, base)
     attention = functools.partial(causal_attention, segments=batch["segments"])
-    logits, _ = model(batch["tokens"], batch["positions"], attention=attention, adapter=TrainLora(lora, scale),
-                      remat=remat, remat_policy=remat_policy)
+    logits, _ = model(batch["tokens"], batch["positions"], attention=attention,
+                      adapter=TrainLora(lora, scale, masks), remat=remat, remat_policy=remat_policy)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, batch["labels"][..., None], -1)[..., 0]
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
@@ -65,14 +68,15 @@ def loss_sums(lora: dict, base, graphdef, batch: dict, *, scale: float, remat: i
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, scale: float, remat: int = 0,
                     remat_policy=None):
-    """The jitted step; `lora` and `opt_state` are donated. batch leaves are [A, B, S]."""
+    """The jitted step; `lora` and `opt_state` are donated. batch leaves are [A, B, S]; `masks`
+    (sparse kinds) are passed as they are, never updated."""
     loss = functools.partial(loss_sums, graphdef=graphdef, scale=scale, remat=remat, remat_policy=remat_policy)
     grad = jax.value_and_grad(loss, has_aux=True)
 
-    def step(lora, opt_state, base, batch):
+    def step(lora, opt_state, base, batch, masks=None):
         def micro(carry, mb):
             g_sum, loss_sum, count = carry
-            (l, n), g = grad(lora, base, batch=mb)
+            (l, n), g = grad(lora, base, batch=mb, masks=masks)
             return (jax.tree.map(jnp.add, g_sum, g), loss_sum + l, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, lora)
@@ -88,7 +92,34 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, scale:
 
 def make_eval_step(graphdef, *, scale: float):
     """Jitted (summed loss, target count) of one batch [B, S]; no gradient."""
-    return jax.jit(lambda lora, base, batch: loss_sums(lora, base, graphdef, batch, scale=scale))
+    return jax.jit(lambda lora, base, batch, masks=None: loss_sums(lora, base, graphdef, batch, scale=scale,
+                                                                   masks=masks))
+
+
+def make_fisher_step(graphdef, probes: dict[str, tuple[int, ...]], *, scale: float, remat: int = 0,
+                     remat_policy=None):
+    """The sparse masks' warm-up step, jitted with `scores` donated:
+    `(scores, lora, base, batch) -> scores + g**2`, g the step's mean-loss gradient (as the train
+    step computes it over [A, B, S]) with respect to each targeted module's dense weight delta
+    f32[L, din, dout] (`probes`: module -> that shape), taken through a zero probe in the seam
+    (training/sparse.py), at the adapter `lora` (LoRA leaves, or {})."""
+    def step(scores, lora, base, batch):
+        def loss(probe, mb):
+            params = {m: {**lora.get(m, {}), "probe": probe[m]} for m in probe}
+            return loss_sums(params, base, graphdef, mb, scale=scale, remat=remat, remat_policy=remat_policy)
+
+        zeros = {m: jnp.zeros(s, jnp.float32) for m, s in probes.items()}
+
+        def micro(carry, mb):
+            g_sum, count = carry
+            g, n = jax.grad(loss, has_aux=True)(zeros, mb)
+            return (jax.tree.map(jnp.add, g_sum, g), count + n), None
+
+        (g, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0)), batch)
+        denom = jnp.maximum(count, 1.0)
+        return jax.tree.map(lambda s, x: s + jnp.square(x / denom), scores, g)
+
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def _norm(tree) -> jax.Array:

@@ -85,6 +85,13 @@ def test_models_lists_adapters_with_their_parent(client, world):
     assert cards["support"].parent == "tiny" and cards["tiny"].parent is None
     assert cards["legal"].root == "legal"  # never the adapter's path on the server
     assert str(world["lora_dir"]) not in client.models.list().model_dump_json()
+    card = cards["support"].model_dump()["adapter"]  # what it is: kind, density, bytes, values, rank
+    from hyprjax.adapters.lora import module_shapes
+
+    shapes, layers = module_shapes(world["loaded"].cfg).values(), world["loaded"].cfg.num_layers
+    params = layers * sum(8 * (i + o) for i, o in shapes)  # rank 8 on all seven modules of every layer
+    assert card["kind"] == "lora" and card["rank"] == 8 and card["params"] == params and card["bytes"] == 4 * params
+    assert card["density"] == pytest.approx(params / (layers * sum(i * o for i, o in shapes)), rel=1e-5)
 
 
 def test_adapter_by_model_name_mix_and_merge_equal_the_engine_offline(client, world):
