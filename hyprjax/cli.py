@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
 
     _add_train_parser(sub)
+    from .adapters.adapters_cli import add_adapters_parser
+
+    add_adapters_parser(sub)
 
     p = sub.add_parser("models", help="list the models hyprjax knows by name and whether they are on disk")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -412,11 +415,17 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def _run_adapters(args) -> int:
+    from .adapters.adapters_cli import run_adapters
+
+    return run_adapters(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
                "models": cmd_models, "pull": cmd_pull,
-               "train": cmd_train}[args.command]
+               "train": cmd_train, "adapters": _run_adapters}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

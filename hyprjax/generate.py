@@ -70,17 +70,22 @@ class Generator:
     def enable_lora(self, max_loras: int, max_lora_rank: int, lora_quantization: str = "none", *,
                     max_sparse_rank: int = 0, max_block_rank: int = 0) -> None:
         """Rebuild the engine with adapter slot tables (it holds no state between calls), unless
-        it has tables at least this large already. Never drops loaded adapters: growing the
-        sparse capacity of an engine that holds adapters is refused (HyprjaxError)."""
+        it has tables at least this large already. Loaded adapters are carried into the new
+        engine; growing is refused (HyprjaxError) while requests run or an adapter is merged."""
         sparse = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
         eng = self._engine
+        carried = []  # adapters loaded in the engine being replaced, loaded again into the new one
         if eng is not None and eng.lora is not None:
             if all(getattr(eng.ecfg, k) >= v for k, v in sparse.items()):
                 return
-            if eng.lora.all_names():
-                short = ", ".join(f"{k}={v}" for k, v in sparse.items() if getattr(eng.ecfg, k) < v)
+            carried = [eng.lora._adapters[n] for n in sorted(eng.lora.all_names())]
+            short = ", ".join(f"{k}={v}" for k, v in sparse.items() if getattr(eng.ecfg, k) < v)
+            why = ("requests are running" if eng.has_unfinished() else "an adapter is merged into the weights"
+                   if eng.lora.merged_into else "loaded adapters are kept quantized"
+                   if carried and eng.ecfg.lora_quantization != "none" else "")
+            if why:
                 raise HyprjaxError(f"this adapter needs {short}, more than the engine's slot tables hold, and "
-                                   f"adapters are loaded; unload them first or create the LLM with {short}")
+                                   f"{why}; create the LLM with {short}")
             sparse = {k: max(v, getattr(eng.ecfg, k)) for k, v in sparse.items()}
         self.max_loras, self.max_lora_rank, self.lora_quantization = max_loras, max_lora_rank, lora_quantization
         self.sparse_limits = sparse
@@ -88,6 +93,8 @@ class Generator:
             self._config, max_loras=max_loras, max_lora_rank=max_lora_rank, lora_quantization=lora_quantization,
             **sparse)
         self._engine = None
+        for adapter in carried:  # grown tables: the adapters that were loaded stay loaded
+            self.engine.add_adapter(adapter)
 
     @property
     def max_model_len(self) -> int:

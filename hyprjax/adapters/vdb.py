@@ -130,9 +130,15 @@ def _pack_data(values: np.ndarray, flags: int, half: bool) -> bytes:
     """writeData / HalfWriter: the values, zip- or blosc-compressed behind an int64 size."""
     if half and values.size == 0:
         return b""  # HalfWriter writes nothing at all for an empty array
-    raw = values.astype("<f2" if half else "<f4").tobytes()
-    if flags & COMPRESS_BLOSC:  # bloscToStream: typesize sizeof(float), level 9, shuffle, lz4
-        packed = _blosc().compress(raw, typesize=4, clevel=9, cname="lz4") if raw else b""
+    return _pack_raw(values.astype("<f2" if half else "<f4").tobytes(), flags, half)
+
+
+def _pack_raw(raw: bytes, flags: int, half: bool) -> bytes:
+    """`_pack_data` of values already laid out as little-endian f32 (f16 when half) bytes."""
+    if half and not raw:
+        return b""
+    if flags & COMPRESS_BLOSC:  # bloscToStream: typesize = the element's size, level 9, shuffle, lz4
+        packed = _blosc().compress(raw, typesize=2 if half else 4, clevel=9, cname="lz4") if raw else b""
         return struct.pack("<q", len(packed)) + packed  # an empty chunk reads as 0 raw bytes
     if flags & COMPRESS_ZIP:
         packed = zlib.compress(raw)  # zipToStream: Z_DEFAULT_COMPRESSION; -size + raw when it does not shrink
@@ -197,17 +203,33 @@ def _pack_grid(grid: VdbGrid, flags: int, half: bool) -> tuple[bytes, int]:
             *root, s2, s1 = keys[lo, :5].tolist()
             tree.setdefault(tuple(root), {}).setdefault(s2, {})[s1] = (lo, hi)
 
+    # Every leaf's mask and value bytes at once (a 1%-dense adapter has ~10^6 leaves: numpy calls
+    # per leaf made writing take tens of seconds). Voxels are sorted by leaf, then slot, so a
+    # leaf's active values are one contiguous run.
+    lo_of = {lo: n for n, lo in enumerate(leaf_starts[:-1])}
+    counts = np.diff(leaf_starts)
+    leaf_of = np.repeat(np.arange(len(counts)), counts)
+    bits = np.zeros((len(counts), 512), bool)
+    bits[leaf_of, keys[:, 5]] = True
+    masks = np.packbits(bits, axis=1, bitorder="little").tobytes()
+    size = 2 if half else 4
+    if flags & COMPRESS_ACTIVE_MASK:  # MaskCompress: one inactive value, the background; active values only
+        code, raw, span = bytes([NO_MASK_OR_INACTIVE_VALS]), values.astype("<f2" if half else "<f4").tobytes(), None
+    else:  # every slot's value, inactive ones holding the background
+        full = np.full((len(counts), 512), bg, np.float32)
+        full[leaf_of, keys[:, 5]] = values
+        code, raw, span = bytes([NO_MASK_AND_ALL_VALS]), full.astype("<f2" if half else "<f4").tobytes(), 512 * size
     topology, buffers = [], []
     for root, level2 in tree.items():
         nodes2 = []
         for level1 in level2.values():
             leaf_masks = []
             for lo, hi in level1.values():
-                slots = keys[lo:hi, 5]
-                mask, leaf, active = _pack_mask(slots, 512), np.full(512, bg, np.float32), np.zeros(512, bool)
-                leaf[slots], active[slots] = values[lo:hi], True
+                n = lo_of[lo]
+                mask = masks[64 * n:64 * n + 64]
+                data = raw[lo * size:hi * size] if span is None else raw[n * span:(n + 1) * span]
                 leaf_masks.append(mask)  # LeafNode::writeTopology: value_mask
-                buffers += [mask, _pack_values(leaf, active, flags, half)]  # LeafNode::writeBuffers
+                buffers += [mask, code, _pack_raw(data, flags, half)]  # LeafNode::writeBuffers
             nodes2.append(_pack_internal(1, list(level1), leaf_masks, bg, flags, half))
         origin = struct.pack("<3i", *(v << 12 for v in root))
         topology += [origin, _pack_internal(2, list(level2), nodes2, bg, flags, half)]
@@ -379,8 +401,8 @@ def _read_internal(rd: _Reader, level: int, origin: np.ndarray, ctx: dict, leave
     for s in np.flatnonzero(child_mask):
         if level == 2:
             _read_internal(rd, 1, child_origin(s), ctx, leaves, tiles)
-        else:  # LeafNode::readTopology
-            leaves.append((child_origin(s), rd.mask(512, f"grid {ctx['name']!r}: leaf node")))
+        else:  # LeafNode::readTopology: the mask's 64 bytes, unpacked for all leaves at once later
+            leaves.append((child_origin(s), bytes(rd.take(64, f"grid {ctx['name']!r}: leaf node"))))
 
 
 def _read_grid(rd: _Reader, ctx: dict, max_tile_voxels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,19 +424,14 @@ def _read_grid(rd: _Reader, ctx: dict, max_tile_voxels: int) -> tuple[np.ndarray
         children.append((tuple(origin), leaves))
     if sum(1 << 3 * log2 for _, log2, _ in tiles) > max_tile_voxels:
         rd.fail(f"{what}: active tiles span more than max_tile_voxels={max_tile_voxels} voxels")
-    origins, slots, values = [], [], []
-    for _, leaves in sorted(children, key=lambda c: c[0]):  # RootNode's table is ordered by origin
-        for origin, mask in leaves:
-            rd.take(64, f"{what}: leaf buffer mask")  # the topology's copy is the one OpenVDB uses
-            leaf = _read_values(rd, mask, ctx["flags"], ctx["half"], ctx["bg"], f"{what}: leaf {origin.tolist()}")
-            origins.append(origin)
-            slots.append(np.flatnonzero(mask))
-            values.append(leaf[slots[-1]])
+    leaves = [leaf for _, ls in sorted(children, key=lambda c: c[0]) for leaf in ls]  # RootNode order: by origin
+    values = [_read_leaf_values(rd, leaves, ctx, what)] if leaves else []
     coords = []
-    if origins:
-        slot = np.concatenate(slots)  # offsetToLocalCoord: slot = (x * 8 + y) * 8 + z
-        base = np.repeat(np.array(origins), [len(s) for s in slots], axis=0)
-        coords.append(base + np.stack([slot >> 6, slot >> 3 & 7, slot & 7], 1))
+    if leaves:
+        masks = np.unpackbits(np.frombuffer(b"".join(m for _, m in leaves), np.uint8), bitorder="little")
+        leaf, slot = np.nonzero(masks.reshape(len(leaves), 512))  # offsetToLocalCoord: slot = (x * 8 + y) * 8 + z
+        origins = np.array([o for o, _ in leaves])
+        coords.append(origins[leaf] + np.stack([slot >> 6, slot >> 3 & 7, slot & 7], 1))
     for origin, log2, value in tiles:
         axis = np.arange(1 << log2)
         block = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
@@ -423,6 +440,54 @@ def _read_grid(rd: _Reader, ctx: dict, max_tile_voxels: int) -> tuple[np.ndarray
     if not coords:
         return np.zeros((0, 3), np.int32), np.zeros(0, np.float32)
     return np.concatenate(coords).astype(np.int32), np.concatenate(values).astype(np.float32)
+
+
+def _read_leaf_values(rd: _Reader, leaves: list, ctx: dict, what: str) -> np.ndarray:
+    """Every leaf buffer's active values, in leaf and slot order: f32[active voxels].
+
+    The per-leaf work is kept to byte slicing and one decompress (a 1%-dense adapter has ~10^6
+    leaves; numpy calls per leaf made reading take ~20 s): inactive values are never rebuilt,
+    since inactive voxels are dropped anyway, and every leaf's values are decoded in one
+    frombuffer at the end. A leaf stored with all 512 values (no active-mask compression, or
+    per-node code NO_MASK_AND_ALL_VALS) has its active ones selected by its mask."""
+    flags, half = ctx["flags"], ctx["half"]
+    size = 2 if half else 4
+    packed = flags & (COMPRESS_BLOSC | COMPRESS_ZIP)
+    data, chunks, full, counts = rd.data, [], [], []
+    where = f"{what}: leaf buffer"  # one string for every leaf: building one per leaf cost as much as the read
+    for n, (_, mask) in enumerate(leaves):
+        rd.take(64, where)  # the topology's copy of the mask is the one OpenVDB uses
+        code = rd.take(1, where)[0]
+        code = code - 256 if code > 127 else code
+        if not 0 <= code <= 6:
+            rd.fail(f"{where}: unknown per-node compression code {code}")
+        rd.take((4 if code in (2, 4) else 8 if code == 5 else 0) + (64 if code in (3, 4, 5) else 0), where)
+        count = int.from_bytes(mask, "little").bit_count() if flags & COMPRESS_ACTIVE_MASK and code != 6 else 512
+        counts.append(count)
+        if count == 512:
+            full.append((n, mask))
+        nbytes = count * size
+        if half and count == 0:
+            continue  # HalfReader reads nothing for an empty array
+        if packed:
+            (stored,) = rd.unpack("q", where)
+            raw = rd.take(-stored if stored <= 0 else stored, where)
+            if stored > 0:
+                raw = _decompress(rd, raw, flags, where)
+        else:
+            raw = data[rd.pos:rd.pos + nbytes]
+            rd.take(nbytes, where)
+        if len(raw) != nbytes:
+            rd.fail(f"{where}: expected {nbytes} bytes of values, got {len(raw)}")
+        chunks.append(raw)
+    values = np.frombuffer(b"".join(chunks), "<f2" if half else "<f4").astype(np.float32)
+    if full:  # select the active values of leaves stored whole
+        keep = np.ones(values.size, bool)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        for i, m in full:
+            keep[starts[i]:starts[i] + 512] = np.unpackbits(np.frombuffer(m, np.uint8), bitorder="little").astype(bool)
+        values = values[keep]
+    return values
 
 
 def _skip_transform(rd: _Reader, what: str) -> None:

@@ -275,3 +275,39 @@ def test_merged_mode_serves_every_request_as_before_and_unmerges_exactly(world, 
     for w, a in zip(weights, jax.tree.leaves(eng.runner.state)):
         np.testing.assert_array_equal(w, np.array(a))
     assert _serve(eng, jobs) == before
+
+
+def test_llm_grows_sparse_tables_and_keeps_loaded_adapters(world, tmp_path):
+    """LLM.load_lora sizes the sparse tables by the adapters it meets: a larger one rebuilds the
+    engine with room for it, and the adapters loaded before stay loaded, with the same outputs."""
+    from hyprjax import LLM
+    from hyprjax.adapters.vdb_adapter import write_adapter_vdb
+
+    cfg = world["lm"].cfg
+    small = _random_blocks(cfg, 7, "small", nblocks=1)
+    write_adapter_vdb(tmp_path / "small.vdb", small, cfg)
+    write_adapter_vdb(tmp_path / "big.vdb", world["adapters"]["blocks"], cfg)
+    from bench.make_model import build_tokenizer
+
+    if not (world["dir"] / "base" / "tokenizer.json").exists():  # LLM reads one; the ids below need none
+        build_tokenizer(cfg.vocab_size).save(str(world["dir"] / "base" / "tokenizer.json"))
+    llm = LLM(world["dir"] / "base", progress=False, max_batch=4, max_model_len=128)
+    prompt = list(range(20, 40))
+    llm.load_lora("small", tmp_path / "small.vdb")
+    assert llm.engine().ecfg.max_block_rank == sparse_capacity([small], cfg)[1]
+    first = llm.generate([prompt], GREEDY, lora="small")[0].token_ids
+    llm.load_lora("big", tmp_path / "big.vdb")
+    assert llm.engine().ecfg.max_block_rank == sparse_capacity([world["adapters"]["blocks"]], cfg)[1] > 1
+    assert llm.generate([prompt], GREEDY, lora="small")[0].token_ids == first
+    assert llm.generate([prompt], GREEDY, lora="big")[0].token_ids == _serve(
+        _one_engine(world, "blocks"), [(prompt, LoraRequest.make(["blocks"]))])[0]
+
+
+def _one_engine(world, name):
+    adapter = world["adapters"][name]
+    sparse_rank, block_rank = sparse_capacity([adapter], world["lm"].cfg)
+    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
+                    EngineConfig(max_loras=1, max_lora_rank=8, max_sparse_rank=sparse_rank, max_block_rank=block_rank,
+                                 **ENGINE), warmup=False, progress=False)
+    eng.add_adapter(adapter)
+    return eng
