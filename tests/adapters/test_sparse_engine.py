@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from tests.adapters.peft_models import make_peft_adapter, paged_logits, peft_logits, peft, torch
+from tests.adapters.test_lora_engine import ENGINE, GREEDY, _serve
 from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.adapters.load import read_adapter
 from hyprjax.adapters.lora import AdapterError, LoraAdapter, module_shapes
@@ -19,11 +20,7 @@ from hyprjax.adapters.sparse import SparseModule, blocks_from_dense, sparse_from
 from hyprjax.engine.config import EngineConfig
 from hyprjax.engine.llm_engine import LLMEngine
 from hyprjax.formats.load import load_model
-from hyprjax.sampling import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=64, max_prefill_seqs=4, page_size=8, max_model_len=256,
-              block_q=8, num_pages=160)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -143,17 +140,6 @@ def test_weighted_mix_of_every_kind_equals_merged_weights(world):
     reg = _registry(world, list(mix))
     ours = paged_logits(world["lm"], prompt, reg, tuple((reg.slot(n), w) for n, w in mix.items()))
     np.testing.assert_allclose(ours, paged_logits(_merged_model(world, mix), prompt), atol=1e-4, rtol=0)
-
-
-def _serve(engine, jobs, stats=None):
-    ids = [engine.add_request(p, GREEDY, lora=lr) for p, lr in jobs]
-    out = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id] += o.new_token_ids
-        if stats is not None:
-            stats["max_running"] = max(stats.get("max_running", 0), engine.scheduler.num_running)
-    return [out[rid] for rid in ids]
 
 
 @pytest.fixture(scope="module")
