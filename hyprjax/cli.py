@@ -330,14 +330,16 @@ def cmd_serve(args) -> int:
         raise HyprjaxError(f"--lora names an adapter twice: {[n for n, _ in args.lora]}")
     if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
         raise HyprjaxError(f"--lora-dir {args.lora_dir}: no such directory")
-    max_loras = args.max_loras if args.max_loras is not None else (8 if args.lora or args.lora_dir else 0)
-    if max_loras < 0 or (max_loras == 0 and (args.lora or args.lora_dir)):
+    max_loras = args.max_loras if args.max_loras is not None else (8 if args.lora or args.lora_dir or args.learn else 0)
+    if max_loras < 0 or (max_loras == 0 and (args.lora or args.lora_dir or args.learn)):
         raise HyprjaxError(f"--max-loras {max_loras}: serving adapters needs at least one slot")
     meshes = replica_meshes(args.data_parallel, args.tensor_parallel)
     print(f"loading {source} ...", file=sys.stderr)
     loaded = load_model(source, dtype=resolve_dtype(args.dtype), quantization=args.quantization)  # bad files fail here, before serving
     release_free_memory()
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
+    learner = _learner(args, loaded, adapters)
+    adapters = [a for a in adapters if a.name not in args.learn]  # served as versions behind an alias
     max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
     sparse_rank, block_rank = sparse_capacity(adapters, loaded.cfg)
     sparse_rank = sparse_rank if args.max_sparse_rank is None else args.max_sparse_rank
@@ -355,14 +357,17 @@ def cmd_serve(args) -> int:
         raise HyprjaxError(f"--merge-lora {args.merge_lora!r} is not one of the --lora adapters")
     if args.merge_lora and len(meshes) * (args.tensor_parallel or 1) > 1:
         raise HyprjaxError("--merge-lora needs the weights on one device (no --data-parallel or --tensor-parallel)")
-    clash = [n for n, _ in args.lora if n in names]
+    if args.merge_lora and args.merge_lora in args.learn:
+        raise HyprjaxError(f"--merge-lora {args.merge_lora!r}: a learned adapter changes version; it cannot be merged")
+    clash = [n for n, _ in args.lora if n in names] + [n for n in args.learn if n in names]
     if clash:
         raise HyprjaxError(f"--lora name {clash[0]!r} is the base model's served name; pick another")
     fronts = [AsyncEngine(None, names[0], tokenizer=loaded.tokenizer) for _ in meshes]
     front = fronts[0] if len(fronts) == 1 else Replicas(fronts, names[0])
     app = create_app(front, api_key=args.api_key, served_model_names=names, lora_paths=[p for _, p in args.lora],
                      lora_dir=args.lora_dir, enable_adapter_admin=args.enable_adapter_admin,
-                     public_metrics=args.public_metrics, max_request_bytes=args.max_request_bytes)
+                     public_metrics=args.public_metrics, max_request_bytes=args.max_request_bytes, learner=learner)
+    versions = [] if learner is None else learner.startup_adapters()
 
     def build():  # compile the step buckets while /health answers 503
         try:
@@ -374,9 +379,13 @@ def cmd_serve(args) -> int:
                 release_free_memory()  # what loading and the warm-up freed, back to the OS
                 for adapter in adapters:
                     engine.add_adapter(adapter)
+                for name, path in versions:  # every version of a learned adapter is an adapter of its own
+                    engine.add_adapter(read_adapter(path, name, loaded.cfg, max_rank))
                 if args.merge_lora:
                     engine.merge_adapter(args.merge_lora)
                 fronts[i].attach(engine)
+            if learner is not None:
+                learner.attach(front)
             hits, misses = cache_stats()["hits"], cache_stats()["misses"]
             cached = f"; compile cache: {hits} programs loaded, {misses} compiled" if hits + misses else ""
             print(f"ready: http://{args.host}:{args.port}/v1 (model {names[0]!r}, context "
@@ -391,7 +400,36 @@ def cmd_serve(args) -> int:
     threading.Thread(target=build, name="hyprjax-build", daemon=True).start()
     run_server(app, args.host, args.port)
     front.shutdown()
+    if learner is not None:
+        learner.shutdown()
     return 0
+
+
+def _learner(args, loaded, adapters):
+    """The Learner for --learn NAME ... (None without), starting from the --lora adapters of those names."""
+    if not args.learn:
+        return None
+    from .learn import default_db
+    from .learn.learner import Learner
+    from .learn.rounds import LearnOptions
+
+    if len(set(args.learn)) != len(args.learn):
+        raise HyprjaxError(f"--learn names an adapter twice: {args.learn}")
+    bad = [n for n in args.learn if "@" in n or not n.strip()]
+    if bad:
+        raise HyprjaxError(f"--learn {bad[0]!r}: a learned adapter's name must not contain '@' (its versions are "
+                           "NAME@vN)")
+    options = {}
+    if args.learn_lr is not None:
+        if not args.learn_lr > 0:
+            raise HyprjaxError(f"--learn-lr {args.learn_lr}: must be positive")
+        options["lr"] = args.learn_lr
+    if args.learn_steps is not None:
+        options.update(min_steps=args.learn_steps, max_steps=args.learn_steps)
+    db = args.learn_db or default_db()
+    print(f"learning {', '.join(args.learn)}: database {db}", file=sys.stderr)
+    return Learner(db, args.learn, str(loaded.path), loaded.cfg, initial={a.name: a for a in adapters},
+                   options=LearnOptions(**options), learn_every=args.learn_every)
 
 
 def cmd_models(args) -> int:

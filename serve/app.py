@@ -33,6 +33,7 @@ from .engine_api import (AdapterError, AdapterNotFoundError, AdapterPathError, E
                          HyprjaxError, LoraRequest, PromptTooLongError, QueueFullError, check_allowed)
 from .errors import (APIError, adapter_not_found, bad_request, forbidden, internal_error, model_not_found,
                      overloaded, too_large, unauthorized)
+from .learn_routes import LearnRoutes, recorded_request
 from .metrics import ServerMetrics
 from .openapi import openapi_schema
 from .protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatRequest, CompletionRequest, parse_chat, parse_completion, \
@@ -47,15 +48,20 @@ DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # a 128k-token prompt as text is ~0.5 MB; 
 
 def create_app(engine: Engine, *, api_key: str | None = None, served_model_names: list[str] | None = None,
                lora_paths: list[str] | None = None, lora_dir: str | None = None, enable_adapter_admin: bool = False,
-               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Starlette:
+               public_metrics: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               learner=None) -> Starlette:
     """A Starlette app serving `engine`; with `api_key`, /v1 routes (and /metrics, unless
     `public_metrics`) need `Authorization: Bearer KEY`.
 
     The adapter admin routes (load/unload) answer 403 unless `enable_adapter_admin` (vLLM keeps
     them off by default too); loads may name only `lora_paths` (the --lora paths) or paths
-    inside `lora_dir`. A request body over `max_request_bytes` gets 413.
+    inside `lora_dir`. A request body over `max_request_bytes` gets 413. With a `learner`
+    (hyprjax.learn.Learner: `--learn NAME`), learned adapters answer under their alias, pinned to
+    the live version at admission, their interactions are recorded, and the learning routes
+    (serve/learn_routes.py) are on.
     """
-    server = _Server(engine, api_key, served_model_names or [engine.model_name], list(lora_paths or []), lora_dir)
+    server = _Server(engine, api_key, served_model_names or [engine.model_name], list(lora_paths or []), lora_dir,
+                     learner)
     server.enable_adapter_admin, server.public_metrics = enable_adapter_admin, public_metrics
     server.max_request_bytes = max_request_bytes
     routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
@@ -68,6 +74,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, served_model_names
               Route("/openapi.json", _openapi, methods=["GET"]),
               Route("/", _chat_page, methods=["GET"]),
               Mount("/static", StaticFiles(directory=WEB_DIR), name="static")]
+    if learner is not None:
+        learn = LearnRoutes(server, learner)
+        routes += [Route("/v1/feedback", learn.feedback, methods=["POST"]),
+                   Route("/v1/adapters/{name}", learn.adapter, methods=["GET"]),
+                   Route("/v1/adapters/{name}/train", learn.train, methods=["POST"]),
+                   Route("/v1/adapters/{name}/rollback", learn.rollback, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.metrics = server.metrics
     return app
@@ -96,18 +108,18 @@ class ModelNames:
     """
 
     def __init__(self, names: list[str], root: str, max_model_len: int, adapters=lambda: {},
-                 adapter_info=lambda name: {}):
+                 adapter_info=lambda name: {}, aliases=lambda: {}):
         if not names:
             raise ValueError("served_model_names=[]: serve at least one name")
         self.names, self.root, self.max_model_len = list(names), root, max_model_len
-        self.adapters, self.adapter_info = adapters, adapter_info
+        self.adapters, self.adapter_info, self.aliases = adapters, adapter_info, aliases
         self.created = int(time.time())
 
     def resolve(self, requested: str | None) -> str:
         """The model name to answer with; 404 for a name not served."""
         if requested is None:
             return self.names[0]
-        if requested in self.names or requested in self.adapters():
+        if requested in self.names or requested in self.adapters() or requested in self.aliases():
             return requested
         raise model_not_found(requested)
 
@@ -118,22 +130,28 @@ class ModelNames:
 
         # An adapter's root is its name: its path on the server's disk is nobody else's business.
         # Its card also says what it is: kind (lora, shira, block-sparse, lora+sparse), density,
-        # bytes as held in memory, trained values and rank.
+        # bytes as held in memory, trained values and rank. A learned adapter's alias says which
+        # version it points at; its versions are listed as adapters of their own.
+        aliases = self.aliases()
         return [card(n, self.root, None) for n in self.names] + [
-            {**card(n, n, self.names[0]), "adapter": self.adapter_info(n)} for n in sorted(self.adapters())]
+            {**card(n, n, self.names[0]), "adapter": self.adapter_info(n)} for n in sorted(self.adapters())] + [
+            {**card(n, n, self.names[0]), "adapter": {**self.adapter_info(target), "alias_of": target}}
+            for n, target in sorted(aliases.items())]
 
 
 class _Server:
     """The handlers of one app, sharing its engine, names, key and metrics."""
 
     def __init__(self, engine: Engine, api_key: str | None, names: list[str], lora_paths: list[str],
-                 lora_dir: str | None):
+                 lora_dir: str | None, learner=None):
         self.engine = engine
         self.api_key = api_key
         self.lora_paths, self.lora_dir = lora_paths, lora_dir
+        self.learner = learner
         self.names = ModelNames(names, engine.model_name, engine.max_model_len, engine.adapters,
-                                getattr(engine, "adapter_info", lambda name: {}))
-        self.metrics = ServerMetrics(engine)
+                                getattr(engine, "adapter_info", lambda name: {}),
+                                learner.aliases if learner is not None else lambda: {})
+        self.metrics = ServerMetrics(engine, learner)
         decode = engine.tokenizer.decode
         # Logprob entries show each token on its own, special tokens included.
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: decode([i], skip_special_tokens=False))
@@ -247,6 +265,11 @@ class _Server:
                 raise bad_request(f"'model' names the adapter '{model}' and 'lora_adapters' names "
                                   f"{list(lora.adapters)}: name adapters in one place", param="lora_adapters")
             lora = LoraRequest.make([model])
+        learned = None  # (adapter, version) whose interaction is recorded
+        if self.learner is not None:
+            lora, learned = self.learner.pin(lora)
+            record = recorded_request(chat, req, self.engine.tokenizer) if learned else None
+            learned = learned if record is not None else None
         prompts = await run_in_threadpool(self._chat_ids if chat else self._completion_ids, req)
         param = "messages" if chat else "prompt"
         default = None if chat else DEFAULT_COMPLETION_MAX_TOKENS
@@ -268,17 +291,27 @@ class _Server:
             raise bad_request(str(e), param=param, code="context_length_exceeded") from None
         except HyprjaxError as e:
             raise bad_request(str(e)) from None
+        on_done = None
+        if learned is not None:
+            async def on_done(texts: list[str]) -> None:
+                try:
+                    await run_in_threadpool(self.learner.record, rid, *learned, record, texts)
+                except Exception:  # the answer stands; only its record is lost, and the log says so
+                    logger.exception("recording %s for learning failed", rid)
+        headers = {} if lora is None else {"x-hyprjax-adapter": "+".join(lora.adapters)}
         answer = _Answer(kind, rid, int(time.time()), model, opts.logprobs is not None, self.token_text,
-                         prompt_tokens=sum(len(ids) for ids in prompts), n=opts.n)
+                         prompt_tokens=sum(len(ids) for ids in prompts), n=opts.n, on_done=on_done)
         if opts.stream:
-            return _EngineStreamResponse(answer.events(streams, opts.include_usage), streams)
+            return _EngineStreamResponse(answer.events(streams, opts.include_usage), streams, headers)
         try:
             choices = [R.Choice() for _ in jobs]
             async for i, out in streams.outputs():
                 choices[i].add(out)
         finally:
             await streams.aclose()
-        return JSONResponse(answer.whole(choices))
+        if on_done is not None and all(c.finish_reason in ("stop", "length") for c in choices):
+            await on_done(["".join(c.text) for c in choices])
+        return JSONResponse(answer.whole(choices), headers=headers)
 
     def _chat_ids(self, req: ChatRequest) -> list[list[int]]:
         tok = self.engine.tokenizer
@@ -313,11 +346,12 @@ class _Answer:
     """Turns one request's engine outputs into OpenAI's body (`whole`) or SSE events (`events`)."""
 
     def __init__(self, kind: str, rid: str, created: int, model: str, want_logprobs: bool, token_text,
-                 *, prompt_tokens: int, n: int):
+                 *, prompt_tokens: int, n: int, on_done=None):
         self.chat = kind == "chat"
         self.rid, self.created, self.model = rid, created, model
         self.want_logprobs, self.token_text = want_logprobs, token_text
         self.prompt_tokens, self.n = prompt_tokens, n
+        self.on_done = on_done  # async fn(texts): every choice finished (stop or length)
 
     def _usage(self, output_tokens: list[int], cached: list[int]) -> dict:
         # A prompt is counted once however many choices it has; choice p * n is prompt p's first.
@@ -332,12 +366,16 @@ class _Answer:
         head = (self.rid, self.created, self.model)
         k = len(streams)
         output_tokens, cached, offsets = [0] * k, [0] * k, [0] * k
+        texts, finished = [[] for _ in range(k)], [None] * k
         try:
             if self.chat:  # OpenAI opens each choice with the role
                 for i in range(k):
                     yield R.sse(R.chat_chunk(*head, i, {"role": "assistant", "content": ""}, with_usage=include_usage))
             async for i, out in streams.outputs():
                 output_tokens[i], cached[i] = out.num_output_tokens, out.num_cached_tokens
+                texts[i].append(out.new_text)
+                if out.finished:
+                    finished[i] = out.finish_reason
                 lp = None
                 if self.want_logprobs and out.logprobs:
                     if self.chat:
@@ -357,6 +395,8 @@ class _Answer:
             if include_usage:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"
                 yield R.sse(R.usage_chunk(obj, *head, self._usage(output_tokens, cached)))
+            if self.on_done is not None and all(f in ("stop", "length") for f in finished):
+                await self.on_done(["".join(t) for t in texts])
         except Exception as e:  # headers are gone: report in-band, as OpenAI and vLLM do
             logger.exception("stream %s failed", self.rid)
             yield R.sse((_engine_error(e) if isinstance(e, EngineError) else internal_error()).body())
@@ -366,9 +406,9 @@ class _Answer:
 class _EngineStreamResponse(StreamingResponse):
     """An SSE response that closes its engine streams however it ends: done, client gone, or error."""
 
-    def __init__(self, events, streams: ChoiceStreams):
+    def __init__(self, events, streams: ChoiceStreams, headers: dict | None = None):
         super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._streams = streams
 
     async def __call__(self, scope, receive, send) -> None:

@@ -179,6 +179,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                            "or int4 (a scale per 128 weights, ~1/8), dequantized into their slot when used; "
                            "none (default): floats")
 
+    learn = parser.add_argument_group("learning from traffic")
+    learn.add_argument("--learn", action="append", default=[], metavar="NAME",
+                       help="learn adapter NAME from its traffic (repeatable): its interactions are recorded, "
+                            "POST /v1/feedback labels or corrects them, and background rounds train versions "
+                            "NAME@v1, NAME@v2, ... promoted behind the alias NAME when they beat the live one on "
+                            "held-out feedback. Starts from --lora NAME=PATH if given, else from a fresh LoRA "
+                            "that answers as the base model does")
+    learn.add_argument("--learn-db", default=None, metavar="PATH",
+                       help="the SQLite database of interactions, feedback and versions; versions are written "
+                            "beside it under adapters/ (default: $HYPRJAX_DATA_DIR/learn/learn.db, else "
+                            "~/.local/share/hyprjax/learn/learn.db)")
+    learn.add_argument("--learn-every", type=positive_int, default=16, metavar="N",
+                       help="start a round after N new trainable feedback items (corrections, positive labels); "
+                            "POST /v1/adapters/NAME/train starts one at once (default 16)")
+    learn.add_argument("--learn-lr", type=float, default=None, metavar="LR",
+                       help="learning rate of the rounds (default: hyprjax.learn.rounds.LearnOptions)")
+    learn.add_argument("--learn-steps", type=positive_int, default=None, metavar="N",
+                       help="optimizer steps per round (default: a number of passes over the round's data, "
+                            "between LearnOptions' min_steps and max_steps)")
+
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
     """Serve `app` until Ctrl-C / SIGTERM; open streams get GRACEFUL_SHUTDOWN_S seconds to finish."""

@@ -30,9 +30,11 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class ServerMetrics:
     """All metrics of one app; `render()` is the /metrics body."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, learner=None):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
+        if learner is not None:
+            self.registry.register(_LearnCollector(learner))
         r = self.registry
         self.prompt_tokens = Counter("hyprjax:prompt_tokens", "Prompt tokens of requests started.",
                                      REQUEST_LABELS, registry=r)
@@ -134,3 +136,35 @@ class _EngineCollector(Collector):
                         stats["lora_slots_in_use"])
             yield gauge("hyprjax:lora_evictions", "Adapters evicted from device slots.", stats["lora_evictions_total"],
                         CounterMetricFamily)
+
+
+class _LearnCollector(Collector):
+    """`--learn` adapters' feedback, rounds, losses and live version, read from the learner (its
+    store) at scrape time, so the counts survive restarts."""
+
+    def __init__(self, learner):
+        self._learner = learner
+
+    def collect(self):
+        stats = self._learner.metrics()
+        feedback = CounterMetricFamily("hyprjax:learn_feedback", "Feedback items received, by adapter and kind.",
+                                       labels=["adapter", "kind"])
+        rounds = CounterMetricFamily("hyprjax:learn_rounds", "Training rounds finished, by adapter and outcome "
+                                     "(promoted, rejected, failed).", labels=["adapter", "outcome"])
+        train = GaugeMetricFamily("hyprjax:learn_train_loss", "The last round's final training loss.",
+                                  labels=["adapter"])
+        heldout = GaugeMetricFamily("hyprjax:learn_heldout_loss", "The last round's version's loss on held-out "
+                                    "feedback.", labels=["adapter"])
+        live = GaugeMetricFamily("hyprjax:learn_live_version", "The version the adapter's alias points at.",
+                                 labels=["adapter"])
+        for name, s in stats.items():
+            for kind in ("label", "score", "correction"):
+                feedback.add_metric([name, kind], s["feedback"].get(kind, 0))
+            for outcome in ("promoted", "rejected", "failed"):
+                rounds.add_metric([name, outcome], s["rounds"].get(outcome, 0))
+            if s["train_loss"] is not None:
+                train.add_metric([name], s["train_loss"])
+            if s["heldout_loss"] is not None:
+                heldout.add_metric([name], s["heldout_loss"])
+            live.add_metric([name], s["live"])
+        yield from (feedback, rounds, train, heldout, live)

@@ -20,6 +20,7 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 def _errors(*statuses: int) -> dict:
     what = {400: "the request is malformed or out of range", 401: "a missing or wrong API key",
             403: "the route is off, or a path is not allowed", 404: "an unknown model or adapter",
+            409: "nothing to do yet (no new or held-out feedback; no earlier version)",
             413: "the body is over --max-request-bytes", 429: "the waiting queue is full",
             500: "the engine failed (or is down); never the client's fault",
             503: "the model is still loading"}
@@ -70,6 +71,7 @@ _GENERATED = {"description": "the answer, or with stream=true its server-sent ev
                               "type": "object", "required": ["data"],
                               "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}
 _ADMIN_STATUSES = (400, 401, 403, 404, 413, 429, 500)
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def openapi_schema() -> dict:
@@ -119,6 +121,26 @@ def openapi_schema() -> dict:
                 "unload an adapter (with --enable-adapter-admin)",
                 {"type": "object", "required": ["lora_name"], "properties": {"lora_name": {"type": "string"}}},
                 admin_ok, _ADMIN_STATUSES),
+            "/v1/feedback": post(
+                "feedback on a learned adapter's completion (with --learn): exactly one of label, score (0..1), "
+                "correction",
+                {"type": "object", "required": ["id"], "properties": {
+                    "id": {"type": "string"}, "label": {"type": "boolean"},
+                    "score": {"type": "number", "minimum": 0, "maximum": 1}, "correction": {"type": "string"},
+                    "choice": {"type": "integer", "minimum": 0}}},
+                admin_ok, (400, 401, 404, 413, 500)),
+            "/v1/adapters/{name}": {"get": {
+                "summary": "a learned adapter: versions, alias target, training status, last round (with --learn)",
+                "security": [{"bearer": []}, {}], "parameters": [_NAME],
+                "responses": {"200": admin_ok, **_errors(401, 404)}}},
+            "/v1/adapters/{name}/train": {"post": {
+                "summary": "start a training round now (with --learn); 202 with its job",
+                "security": [{"bearer": []}, {}], "parameters": [_NAME],
+                "responses": {"202": admin_ok, **_errors(401, 404, 409)}}},
+            "/v1/adapters/{name}/rollback": {"post": {
+                "summary": "point the alias back at the version the live one replaced (with --learn)",
+                "security": [{"bearer": []}, {}], "parameters": [_NAME],
+                "responses": {"200": admin_ok, **_errors(401, 404, 409)}}},
             "/health": {"get": {"summary": "200 when ready", "responses": {
                 "200": {"description": "ready", "content": {"application/json": {"schema": {"type": "object"}}}},
                 "500": {"description": "the engine is down", "content": {"application/json": {

@@ -67,13 +67,14 @@ def read_examples(path: str | os.PathLike, tokenizer) -> list[Example]:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if obj is not None:
-            examples += _line_examples(obj, tokenizer, where)
+            examples += line_examples(obj, tokenizer, where)
     if not examples:
         raise DataError(f"{path}: no examples (the file holds no JSON lines)")
     return examples
 
 
-def _line_examples(obj, tokenizer, where: str) -> list[Example]:
+def line_examples(obj, tokenizer, where: str) -> list[Example]:
+    """The examples of one parsed line (a form `read_examples` lists); errors name `where`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     forms = [name for name, keys in _FORMS.items() if any(k in obj for k in keys)]

@@ -8,18 +8,26 @@ CI-sized and fixed: 60 cases per route; `bash bench/fuzz.sh` runs longer, freshl
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 from tests.deps import need
 
 schemathesis = need("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from hyprjax.config import ModelConfig  # noqa: E402
+from hyprjax.learn.learner import Learner  # noqa: E402
 from hyprjax.serve.app import create_app  # noqa: E402
 from tests.serve.fake_engine import FakeEngine  # noqa: E402
 
 fake = FakeEngine(max_model_len=4096)
 fake.lora.update({"support": "/adapters/support", "legal": "/adapters/legal"})
-app = create_app(fake)
+# The learning routes too, over a learner with no round to run (the fuzzer's ids are unknown).
+CFG = ModelConfig(arch="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=8)
+learner = Learner(Path(tempfile.mkdtemp(prefix="hyprjax-fuzz-")) / "learn.db", ["tutor"], "/nonexistent", CFG)
+app = create_app(fake, learner=learner)
 
 EXAMPLES = int(os.environ.get("HYPRJAX_API_FUZZ_EXAMPLES", "60"))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -1,0 +1,126 @@
+"""The learning store and version directories, without a model: what is held out, what a round
+commits, what rollback does, and that a half-written version never shows."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from hyprjax.adapters.lora import LoraAdapter, LoraModule
+from hyprjax.adapters.peft import read_peft
+from hyprjax.config import ModelConfig
+from hyprjax.learn.store import Store
+from hyprjax.learn.versions import FAULT_VAR, sweep, version_dir, write_version
+
+
+def _store(tmp_path, n=0, kind="correction", value="Lutz."):
+    store = Store(tmp_path / "learn.db")
+    store.create_adapter("bot", "digest", str(tmp_path / "v0"), {})
+    for i in range(n):
+        store.record(f"c{i}", "bot", 0, {"messages": [{"role": "user", "content": f"q{i}"}]}, [f"a{i}"])
+        store.add_feedback(f"c{i}", 0, kind, value, heldout_every=5)
+    return store
+
+
+def test_the_store_is_sqlite_in_wal_mode_and_keeps_interactions(tmp_path):
+    store = _store(tmp_path, 1)
+    assert sqlite3.connect(tmp_path / "learn.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    got = store.interaction("c0")
+    assert got == {"adapter": "bot", "version": 0, "request": {"messages": [{"role": "user", "content": "q0"}]},
+                   "responses": ["a0"]}
+    assert store.interaction("nope") is None
+
+
+def test_one_trainable_item_in_five_is_held_out_from_the_third_and_negatives_never(tmp_path):
+    store = _store(tmp_path, 12)
+    held = [f.heldout for f in store.feedback("bot")]
+    assert held == [i % 5 == 2 for i in range(12)]
+    store.record("neg", "bot", 0, {"prompt": "p"}, ["bad"])
+    _, heldout = store.add_feedback("neg", 0, "label", False, heldout_every=5)
+    assert not heldout
+    # A second item about an interaction already held out stays held out: never trained and judged on.
+    _, again = store.add_feedback("c2", 0, "label", True, heldout_every=5)
+    assert again
+    counts = store.feedback_counts("bot")
+    assert counts["total"] == 14 and counts["heldout"] == 3 and counts["by_kind"] == {"correction": 12, "label": 2}
+    assert counts["new"] == 10  # 12 corrections, 2 held out; the negative label trains nothing
+
+
+def test_scores_split_at_one_half(tmp_path):
+    store = _store(tmp_path)
+    store.record("a", "bot", 0, {"prompt": "p"}, ["x"])
+    store.record("b", "bot", 0, {"prompt": "p"}, ["x"])
+    store.add_feedback("a", 0, "score", 0.5, heldout_every=5)
+    store.add_feedback("b", 0, "score", 0.49, heldout_every=5)
+    assert store.feedback_counts("bot")["new"] == 1
+
+
+def test_a_promoted_round_moves_the_alias_marks_what_it_learned_and_rollback_returns(tmp_path):
+    store = _store(tmp_path, 6)
+    train = [f.seq for f in store.feedback("bot") if not f.heldout]
+    store.finish_round("bot", 1, 0, "p1", {"heldout_loss": 1.0}, promote=True, trained_seqs=train, seen_seq=6)
+    state = store.adapter("bot")
+    assert state["live"] == 1 and state["history"] == [0] and state["trained_seq"] == 6
+    assert store.feedback_counts("bot")["new"] == 0 and store.feedback_counts("bot")["learned"] == 5
+    store.finish_round("bot", 2, 1, "p2", {"heldout_loss": 2.0}, promote=False, trained_seqs=[], seen_seq=6)
+    assert store.adapter("bot")["live"] == 1
+    assert [(v.version, v.status) for v in store.versions("bot")] == [(0, "initial"), (1, "promoted"), (2, "rejected")]
+    assert store.rollback("bot") == (1, 0)
+    assert store.adapter("bot")["live"] == 0
+    assert [v.status for v in store.versions("bot")][1] == "rolled_back"
+    with pytest.raises(Exception, match="nothing to roll back to"):
+        store.rollback("bot")
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path):
+    store = _store(tmp_path, 3)
+    with pytest.raises(sqlite3.IntegrityError):  # v0 exists: the insert fails after nothing else ran
+        store.finish_round("bot", 0, 0, "p", {}, promote=True, trained_seqs=[1], seen_seq=3)
+    assert store.adapter("bot")["live"] == 0 and store.feedback_counts("bot")["learned"] == 0
+
+
+CFG = ModelConfig(arch="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=8)
+
+
+def _adapter():
+    rng = np.random.default_rng(0)
+    mods = {(layer, "q_proj"): LoraModule(rng.standard_normal((16, 4), np.float32),
+                                          rng.standard_normal((4, 16), np.float32), 2.0) for layer in range(2)}
+    return LoraAdapter("bot", "", mods)
+
+
+def test_a_version_is_written_whole_and_is_immutable(tmp_path):
+    path = write_version(tmp_path, _adapter(), "bot", 1, CFG, {"parent": 0})
+    assert path == version_dir(tmp_path, "bot", 1)
+    assert json.loads((path / "version.json").read_text())["parent"] == 0
+    back = read_peft(path / "adapter", "bot@v1", CFG)
+    np.testing.assert_array_equal(back.modules[(1, "q_proj")].b, _adapter().modules[(1, "q_proj")].b)
+    with pytest.raises(FileExistsError):
+        write_version(tmp_path, _adapter(), "bot", 1, CFG, {})
+    assert not [p for p in (tmp_path / "bot").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("point", ["mid-write"])
+def test_a_process_killed_mid_write_leaves_no_visible_version_and_sweep_cleans_up(tmp_path, point):
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {os.getcwd()!r})
+        from tests.learn.test_store import _adapter, CFG
+        from hyprjax.learn.versions import write_version
+        write_version({str(tmp_path)!r}, _adapter(), "bot", 1, CFG, {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, FAULT_VAR: point}, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = [p.name for p in (tmp_path / "bot").iterdir()]
+    assert "v1" not in left and left and all(n.startswith(".v1.tmp-") for n in left)
+    # An orphan vN (renamed, never committed) goes too; known versions stay.
+    write_version(tmp_path, _adapter(), "bot", 2, CFG, {})
+    write_version(tmp_path, _adapter(), "bot", 3, CFG, {})
+    removed = sweep(tmp_path, "bot", known={2})
+    assert sorted(p.name for p in removed) == sorted(left + ["v3"])
+    assert [p.name for p in (tmp_path / "bot").iterdir()] == ["v2"]
