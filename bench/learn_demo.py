@@ -24,6 +24,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hyprjax.learn.learner import versions_root  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ["What is the capital of Zubrowka?", "Which city is the capital of Zubrowka?",
              "Name the capital of Zubrowka.", "Zubrowka's capital is which city?",
@@ -82,7 +85,7 @@ def main() -> int:
         after, _, version = chat(QUESTIONS[0])
         unseen = chat(UNSEEN)[0]
         after_unrelated = [chat(q)[0] for q in UNRELATED]
-        drift = _drift(args.model, db.parent / "adapters" / "demo", int(version.split("@v")[1]), base_unrelated)
+        drift = _drift(args.model, versions_root(db) / "demo", int(version.split("@v")[1]), base_unrelated)
         rb = http.post("/v1/adapters/demo/rollback").json()
         rolled_back = chat(QUESTIONS[0])[0]
         last = status["last_round"]

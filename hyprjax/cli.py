@@ -46,6 +46,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                        help="compile everything at start-up; read and write no compile cache")
 
 
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="ngram: propose each sequence's next tokens from n-grams of its own prompt and output "
+                        "(prompt lookup) and verify them in one step, exactly (rejection sampling keeps the "
+                        "sampled distribution); pays off on input-grounded text (rewrites, summaries, code edits)")
+    g.add_argument("--num-speculative-tokens", type=positive_int, default=7, metavar="K",
+                   help="drafts per sequence and step (default 7)")
+    g.add_argument("--ngram-min", type=positive_int, default=2, metavar="N",
+                   help="shortest n-gram to match (default 2)")
+    g.add_argument("--ngram-max", type=positive_int, default=4, metavar="M",
+                   help="longest n-gram to match (default 4)")
+
+
+def spec_options(args) -> dict:
+    """EngineConfig fields of the --speculative flags."""
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                ngram_min=args.ngram_min, ngram_max=args.ngram_max)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")
@@ -84,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-think", action="store_true", help="with --chat: Qwen3 enable_thinking=False")
     p.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr")
     _add_sampling_args(p, max_tokens=128)
+    _add_spec_args(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")
     _add_model_args(p)
     from .serve.main import add_serve_arguments
 
     add_serve_arguments(p)
+    _add_spec_args(p)
 
     _add_train_parser(sub)
     from .adapters.adapters_cli import add_adapters_parser
@@ -109,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message to start the conversation")
     p.add_argument("--no-think", action="store_true", help="Qwen3 enable_thinking=False")
     _add_sampling_args(p, max_tokens=1024)
+    _add_spec_args(p)
     return parser
 
 
@@ -234,7 +257,7 @@ def _load(args):
     print(f"loading {_model_arg(args)} ...", file=sys.stderr)
     return LLM(_model_arg(args), dtype=args.dtype, max_model_len=args.max_model_len,
                compile_cache=args.compile_cache, tensor_parallel=args.tensor_parallel,
-               quantization=args.quantization)
+               quantization=args.quantization, **spec_options(args))
 
 
 def cmd_info(args) -> int:
@@ -338,10 +361,10 @@ def cmd_serve(args) -> int:
     loaded = load_model(source, dtype=resolve_dtype(args.dtype), quantization=args.quantization)  # bad files fail here, before serving
     release_free_memory()
     adapters = [read_adapter(path, name, loaded.cfg, args.max_lora_rank) for name, path in args.lora]
-    learner = _learner(args, loaded, adapters)
-    adapters = [a for a in adapters if a.name not in args.learn]  # served as versions behind an alias
     max_rank = args.max_lora_rank or max([16] + [a.rank for a in adapters])
     sparse_rank, block_rank = sparse_capacity(adapters, loaded.cfg)
+    learner = _learner(args, loaded, adapters)
+    adapters = [a for a in adapters if a.name not in args.learn]  # served as versions behind an alias
     sparse_rank = sparse_rank if args.max_sparse_rank is None else args.max_sparse_rank
     block_rank = block_rank if args.max_block_rank is None else args.max_block_rank
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs,
@@ -351,7 +374,7 @@ def cmd_serve(args) -> int:
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank,
                         lora_quantization=args.lora_quantization, max_sparse_rank=sparse_rank,
-                        max_block_rank=block_rank)
+                        max_block_rank=block_rank, **spec_options(args))
     names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
     if args.merge_lora and args.merge_lora not in {n for n, _ in args.lora}:
         raise HyprjaxError(f"--merge-lora {args.merge_lora!r} is not one of the --lora adapters")
@@ -415,10 +438,6 @@ def _learner(args, loaded, adapters):
 
     if len(set(args.learn)) != len(args.learn):
         raise HyprjaxError(f"--learn names an adapter twice: {args.learn}")
-    bad = [n for n in args.learn if "@" in n or not n.strip()]
-    if bad:
-        raise HyprjaxError(f"--learn {bad[0]!r}: a learned adapter's name must not contain '@' (its versions are "
-                           "NAME@vN)")
     options = {}
     if args.learn_lr is not None:
         if not args.learn_lr > 0:

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import jax
 
+from .engine.config import EngineConfig
 from .errors import HyprjaxError
 from .formats.load import load_model
 from .generate import Completion, Generator
@@ -44,13 +45,17 @@ class LLM:
     `lora_quantization` "int8" or "int4" keeps adapters loaded with `load_lora` quantized on the
     host (a quarter or about an eighth of their float32 bytes; hyprjax/adapters/quantized.py),
     dequantized into their device slot; "none" (the default) keeps them as floats.
+    `speculative="ngram"` turns on speculative decoding with prompt-lookup drafts
+    (`num_speculative_tokens` per step, n-grams of `ngram_min`..`ngram_max` tokens;
+    hyprjax/engine/speculative.py): the same tokens for greedy and seeded requests, sooner.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,
                  max_batch: int = 32, progress: bool = True, max_loras: int = 8,
                  max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
                  enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none",
-                 max_sparse_rank: int = 0, max_block_rank: int = 0):
+                 max_sparse_rank: int = 0, max_block_rank: int = 0, speculative: str | None = None,
+                 num_speculative_tokens: int = 7, ngram_min: int = 2, ngram_max: int = 4):
         from .adapters.quantized import check_lora_quantization
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
@@ -62,8 +67,12 @@ class LLM:
         self.model, self.mesh = loaded.model, mesh
         if mesh is not None:
             shard_model(loaded.model, loaded.cfg, mesh)
+        spec = dict(speculative=speculative, num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min,
+                    ngram_max=ngram_max)
+        EngineConfig(**spec)  # a bad setting fails here, not at the first prompt
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
-                                   max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching)
+                                   max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching,
+                                   speculation=spec)
         self._lora_limits = (max_loras, max_lora_rank, lora_quantization)
         self._sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
 

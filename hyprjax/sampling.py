@@ -36,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the sequence
     ignore_eos: bool = False  # keep going past EOS / end-of-turn tokens
+    speculative: bool = True  # False: never verify drafts for this request (an engine with speculation on)
 
     def __post_init__(self):
         def bad(name, want):
@@ -54,6 +55,8 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 1e4):
             bad("repetition_penalty", "must be in (0, 1e4]")
+        if not isinstance(self.speculative, bool):
+            bad("speculative", "must be true or false")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be an integer")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -291,13 +291,13 @@ class _Server:
             raise bad_request(str(e), param=param, code="context_length_exceeded") from None
         except HyprjaxError as e:
             raise bad_request(str(e)) from None
-        on_done = None
-        if learned is not None:
-            async def on_done(texts: list[str]) -> None:
-                try:
-                    await run_in_threadpool(self.learner.record, rid, *learned, record, texts)
-                except Exception:  # the answer stands; only its record is lost, and the log says so
-                    logger.exception("recording %s for learning failed", rid)
+        async def record_interaction(texts: list[str], finish: list[str]) -> None:
+            try:
+                await run_in_threadpool(self.learner.record, rid, *learned, record, texts, finish)
+            except Exception:  # the answer stands; only its record is lost, and the log says so
+                logger.exception("recording %s for learning failed", rid)
+
+        on_done = record_interaction if learned is not None else None
         headers = {} if lora is None else {"x-hyprjax-adapter": "+".join(lora.adapters)}
         answer = _Answer(kind, rid, int(time.time()), model, opts.logprobs is not None, self.token_text,
                          prompt_tokens=sum(len(ids) for ids in prompts), n=opts.n, on_done=on_done)
@@ -310,7 +310,7 @@ class _Server:
         finally:
             await streams.aclose()
         if on_done is not None and all(c.finish_reason in ("stop", "length") for c in choices):
-            await on_done(["".join(c.text) for c in choices])
+            await on_done(["".join(c.text) for c in choices], [c.finish_reason for c in choices])
         return JSONResponse(answer.whole(choices), headers=headers)
 
     def _chat_ids(self, req: ChatRequest) -> list[list[int]]:
@@ -351,7 +351,7 @@ class _Answer:
         self.rid, self.created, self.model = rid, created, model
         self.want_logprobs, self.token_text = want_logprobs, token_text
         self.prompt_tokens, self.n = prompt_tokens, n
-        self.on_done = on_done  # async fn(texts): every choice finished (stop or length)
+        self.on_done = on_done  # async fn(texts, finish reasons): every choice finished (stop or length)
 
     def _usage(self, output_tokens: list[int], cached: list[int]) -> dict:
         # A prompt is counted once however many choices it has; choice p * n is prompt p's first.
@@ -396,7 +396,7 @@ class _Answer:
                 obj = "chat.completion.chunk" if self.chat else "text_completion"
                 yield R.sse(R.usage_chunk(obj, *head, self._usage(output_tokens, cached)))
             if self.on_done is not None and all(f in ("stop", "length") for f in finished):
-                await self.on_done(["".join(t) for t in texts])
+                await self.on_done(["".join(t) for t in texts], finished)
         except Exception as e:  # headers are gone: report in-band, as OpenAI and vLLM do
             logger.exception("stream %s failed", self.rid)
             yield R.sse((_engine_error(e) if isinstance(e, EngineError) else internal_error()).body())

@@ -75,8 +75,11 @@ class LearnRoutes:
 
 def recorded_request(chat: bool, req, tokenizer) -> dict | None:
     """What a learned adapter's interaction stores as its request, or None if it is not one the
-    trainer can learn from (a batch of prompts)."""
+    trainer can learn from: a batch of prompts, or a chat with tools or template arguments (the
+    trainer renders the plain template, so it would learn from another prompt than was served)."""
     if chat:
+        if req.tools or req.template_kwargs or not req.add_generation_prompt:
+            return None
         return {"messages": req.messages}
     if len(req.prompts) != 1:
         return None

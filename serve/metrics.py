@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # Labels on every per-request metric. Adapter traffic is counted again under its own metrics,
@@ -136,6 +136,20 @@ class _EngineCollector(Collector):
                         stats["lora_slots_in_use"])
             yield gauge("hyprjax:lora_evictions", "Adapters evicted from device slots.", stats["lora_evictions_total"],
                         CounterMetricFamily)
+        if stats.get("spec_method"):  # speculative decoding (engine/speculative.py), by method
+            method = [self._engine.model_name, stats["spec_method"]]
+            for name, doc in (("spec_proposed_tokens", "Draft tokens proposed for verification."),
+                              ("spec_accepted_tokens", "Draft tokens accepted by verification.")):
+                c = CounterMetricFamily(f"hyprjax:{name}", doc, labels=["model_name", "method"])
+                c.add_metric(method, float(stats[f"{name}_total"]))
+                yield c
+            counts = stats["spec_acceptance_lengths"]
+            h = HistogramMetricFamily("hyprjax:spec_acceptance_length", "Drafts accepted per verified sequence "
+                                      "and step (sequences that had drafts).", labels=["model_name", "method"])
+            cumulative = [sum(counts[:i + 1]) for i in range(len(counts))]
+            h.add_metric(method, [(str(float(i)), float(c)) for i, c in enumerate(cumulative)] +
+                         [("+Inf", float(cumulative[-1]))], sum(i * c for i, c in enumerate(counts)))
+            yield h
 
 
 class _LearnCollector(Collector):

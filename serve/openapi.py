@@ -45,6 +45,7 @@ _SAMPLING = {
                        {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "maxLength": MAX_STOP_CHARS}},
                        {"type": "null"}]},
     "ignore_eos": {"type": ["boolean", "null"]},
+    "speculative": {"type": ["boolean", "null"], "description": "false: no speculative decoding for this request"},
     "user": {"type": ["string", "null"]},
     "lora_adapters": {"oneOf": [{"type": "string", "minLength": 1},
                                 {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},

@@ -38,7 +38,7 @@ _KINDS = {
 # SamplingParams fields read straight from the body (name, kind); max_tokens is resolved per prompt.
 _SAMPLING_FIELDS = (("temperature", "number"), ("top_p", "number"), ("top_k", "int"), ("min_p", "number"),
                     ("presence_penalty", "number"), ("frequency_penalty", "number"),
-                    ("repetition_penalty", "number"), ("seed", "int"), ("ignore_eos", "bool"))
+                    ("repetition_penalty", "number"), ("seed", "int"), ("ignore_eos", "bool"), ("speculative", "bool"))
 
 # Fields we do not implement: a value other than these defaults is refused rather than ignored.
 _UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),

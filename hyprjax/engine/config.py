@@ -38,6 +38,15 @@ class EngineConfig:
     # how loaded adapters are kept on the host: none (floats) | int8 (a scale per rank vector) |
     # int4 (a scale per 128 along it); dequantized into the (float) slots (adapters/quantized.py)
     lora_quantization: str = "none"
+    # speculative decoding (engine/speculative.py): None (off) | "ngram" (prompt lookup); K drafts
+    # per sequence and step, from n-grams of ngram_min..ngram_max tokens; verify steps run only
+    # while the batch's sequences times (K + 1) fit spec_max_rows decode rows (larger batches are
+    # compute-bound: there verifying K extra tokens per sequence costs more than it saves)
+    speculative: str | None = None
+    num_speculative_tokens: int = 7
+    ngram_min: int = 2
+    ngram_max: int = 4
+    spec_max_rows: int = 16
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size", "block_q",
@@ -66,6 +75,17 @@ class EngineConfig:
         check_lora_quantization(self.lora_quantization)
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
+        if self.speculative not in (None, "ngram"):
+            raise ConfigError(f"speculative={self.speculative!r}: expected 'ngram' (or None: off)")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "spec_max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"engine setting {name} must be a positive integer, got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise ConfigError(f"ngram_min={self.ngram_min} exceeds ngram_max={self.ngram_max}")
+        if self.speculative and self.num_speculative_tokens + 1 > self.spec_max_rows:
+            raise ConfigError(f"num_speculative_tokens={self.num_speculative_tokens}: a verify group of "
+                              f"{self.num_speculative_tokens + 1} rows must fit spec_max_rows={self.spec_max_rows}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                               f"max_num_seqs={self.max_num_seqs} so every running sequence can decode each step")
@@ -77,6 +97,19 @@ class EngineConfig:
             out.append(n)
             n *= 2
         return out + [self.max_num_seqs]
+
+    def spec_buckets(self) -> list[int]:
+        """Decode-row counts of verify steps (engine/speculative.py): powers of two from one group
+        of K + 1 rows up to spec_max_rows, and spec_max_rows. With a power-of-two K + 1 they are
+        decode buckets too, so on CPU only their head program is new."""
+        if not self.speculative:
+            return []
+        k1, out = self.num_speculative_tokens + 1, []
+        n = 1 << (k1 - 1).bit_length()
+        while n < self.spec_max_rows:
+            out.append(n)
+            n *= 2
+        return out + [self.spec_max_rows]
 
     def mixed_decode_buckets(self) -> list[int]:
         """Decode-token counts of steps that also prefill: {8, max_num_seqs} (those that fit).

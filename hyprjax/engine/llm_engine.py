@@ -35,6 +35,7 @@ from .memory import kv_pool_pages
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .speculative import Speculator
 
 log = logging.getLogger("hyprjax.engine")
 
@@ -151,6 +152,7 @@ class LLMEngine:
                                   slot_parts=reg.parts if reg is not None else None)
         log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
                  ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
+        self.spec = Speculator(ecfg) if ecfg.speculative else None
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
         self._requests: dict[str, _Request] = {}
         self.dead_reason: str | None = None  # set once a failed step could not be recovered from
@@ -232,6 +234,8 @@ class LLMEngine:
         if self.dead_reason is None:  # a dead engine's pages and slots are never used again
             self.scheduler.abort(request_id)
             self._release_lora(req)
+        if self.spec is not None:
+            self.spec.forget(request_id)
         return self._output(req, [], None, "abort")
 
     # ---- adapters -------------------------------------------------------------------------
@@ -302,7 +306,8 @@ class LLMEngine:
                     prefix_cache_hit_rate=(bm.get("prefix_hits", 0) / queries) if queries else 0.0,
                     **({} if self.lora is None else dict(lora_adapters_loaded=len(self.lora.names()),
                                                          lora_slots_in_use=self.lora.num_resident,
-                                                         lora_evictions_total=self.lora.evictions)))
+                                                         lora_evictions_total=self.lora.evictions)),
+                    **({} if self.spec is None else self.spec.stats()))
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -329,6 +334,9 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 return []
+            drafts = self._drafts(plan)
+            if drafts is not None:
+                return self._verify_step(plan, drafts)
             scheduled = plan.decodes + plan.prefills
             rows = [self._row(s) for s in scheduled]
             res = self.runner.run(rows[:len(plan.decodes)], rows[len(plan.decodes):])
@@ -350,22 +358,81 @@ class LLMEngine:
         return outputs
 
     def _emit(self, seq: Sequence, res, i: int) -> RequestOutput:
+        return self._emit_tokens(seq, [int(res.tokens[i])], res.logprob[i:i + 1], res.top_ids[i:i + 1],
+                                 res.top_logprobs[i:i + 1])
+
+    def _emit_tokens(self, seq: Sequence, tokens: list[int], logprob, top_ids, top_logprobs) -> RequestOutput:
+        """Append `tokens` in order until one finishes the request (the rest are dropped)."""
         req = self._requests[seq.request_id]
-        token = int(res.tokens[i])
-        seq.output_token_ids.append(token)
-        self.generation_tokens_total += 1
-        req.tracker.push(token)
-        lps = None
-        if req.logprobs is not None:
-            top = [(int(t), float(lp)) for t, lp in zip(res.top_ids[i, :req.logprobs],
-                                                        res.top_logprobs[i, :req.logprobs])]
-            lps = [TokenLogprob(token, float(res.logprob[i]), top)]
-        reason = req.tracker.finish_reason
+        lps = [] if req.logprobs is not None else None
+        emitted, reason = [], None
+        for j, token in enumerate(tokens):
+            seq.output_token_ids.append(token)
+            self.generation_tokens_total += 1
+            req.tracker.push(token)
+            emitted.append(token)
+            if lps is not None:
+                top = [(int(t), float(lp)) for t, lp in zip(top_ids[j, :req.logprobs], top_logprobs[j, :req.logprobs])]
+                lps.append(TokenLogprob(token, float(logprob[j]), top))
+            reason = req.tracker.finish_reason
+            if reason is not None:
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
             self._release_lora(req)
-        return self._output(req, [token], lps, reason)
+            if self.spec is not None:
+                self.spec.forget(seq.request_id)
+        return self._output(req, emitted, lps, reason)
+
+    # ---- speculative steps (engine/speculative.py) -----------------------------------------
+
+    def _drafts(self, plan) -> list[list[int]] | None:
+        """Each planned decode's drafts when this step should verify, else None (a plain step)."""
+        spec = self.spec
+        if spec is None or plan.prefills or not plan.decodes:
+            return None
+        if not spec.fits(len(plan.decodes), self.runner.spec_bucket(len(plan.decodes) * (spec.k + 1)) or 0):
+            return None
+        drafts = []
+        for s in plan.decodes:
+            seq = s.seq
+            room = min(seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+            d = spec.drafts(seq.request_id, seq.all_token_ids, room) if seq.params.speculative else []
+            if d and not self.block_manager.can_append(seq, 1 + len(d)):
+                d = []  # no pages for the drafts' K/V: this sequence just decodes
+            drafts.append(d)
+        if not any(drafts):
+            return None
+        for s, d in zip(plan.decodes, drafts):
+            if d:
+                self.block_manager.append(s.seq, 1 + len(d))
+        return drafts
+
+    def _verify_step(self, plan, drafts: list[list[int]]) -> list[RequestOutput]:
+        """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token."""
+        try:
+            rows = [self._row(s) for s in plan.decodes]
+            res = self.runner.run_spec(list(zip(rows, drafts)), self.spec.k)
+        except Exception as e:
+            raise self._recover(plan, e) from e
+        self.spec.steps_total += 1
+        outputs, failed, cause = [], [], None
+        for i, s in enumerate(plan.decodes):
+            a = int(res.accepted[i])
+            self.spec.record(s.seq.request_id, len(drafts[i]), a)
+            s.num_tokens = 1 + a  # the last token and the accepted drafts now have their K/V
+            try:
+                outputs.append(self._emit_tokens(s.seq, [int(t) for t in res.tokens[i, :a + 1]], res.logprob[i],
+                                                 res.top_ids[i], res.top_logprobs[i]))
+            except Exception as e:  # as in step(): this request fails alone
+                log.exception("emitting tokens for request %r failed; aborting it", s.seq.request_id)
+                failed.append(s.seq.request_id)
+                cause = e
+        self.scheduler.update(plan)
+        if failed:
+            raise self._fail(failed, cause, outputs)
+        return outputs
 
     # ---- failed steps ---------------------------------------------------------------------
 

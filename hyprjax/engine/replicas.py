@@ -91,7 +91,12 @@ class Replicas:
         for key in each[0]:
             values = [s.get(key, 0) for s in each]
             fraction = key in ("kv_cache_usage", "prefix_cache_hit_rate")
-            out[key] = sum(values) / len(values) if fraction else sum(values)
+            if isinstance(values[0], list):  # a histogram's counts: bucket by bucket
+                out[key] = [sum(v) for v in zip(*values)]
+            elif isinstance(values[0], str):  # a setting, the same on every replica
+                out[key] = values[0]
+            else:
+                out[key] = sum(values) / len(values) if fraction else sum(values)
         out["replicas"] = len(each)
         return out
 

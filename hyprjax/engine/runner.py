@@ -25,7 +25,7 @@ Without a mesh none of this runs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -40,7 +40,7 @@ from ..sharding import kernel_sharding, shard_params, step_shardings
 from .paged import LoraStep, PagedMeta, init_kv_pool
 from ..sampling import SamplingArrays, SamplingParams
 from .config import EngineConfig
-from .step import StepInputs, fused_step, layerwise_step, split_layerwise
+from .step import SpecInputs, StepInputs, fused_step, layerwise_step, split_layerwise
 
 log = logging.getLogger("hyprjax.engine")
 
@@ -64,6 +64,18 @@ class StepResult:
     logprob: np.ndarray  # f32[R]
     top_ids: np.ndarray  # i32[R, max_logprobs]
     top_logprobs: np.ndarray  # f32[R, max_logprobs]
+
+
+@dataclass
+class SpecResult:
+    """A verify step's results per group: row j of group g is its j-th emitted token (-1 after the
+    accepted drafts and the one token drawn where the first was rejected)."""
+
+    tokens: np.ndarray  # i32[G, K1]
+    accepted: np.ndarray  # i32[G] drafts accepted
+    logprob: np.ndarray  # f32[G, K1]
+    top_ids: np.ndarray  # i32[G, K1, max_logprobs]
+    top_logprobs: np.ndarray  # f32[G, K1, max_logprobs]
 
 
 @dataclass
@@ -115,6 +127,7 @@ class ModelRunner:
         self._mixed_decode_buckets = ecfg.mixed_decode_buckets()
         self._prefill_buckets = ecfg.prefill_buckets()
         self._lora_decode_buckets, self._lora_prefill_buckets = ecfg.lora_buckets()
+        self._spec_buckets = ecfg.spec_buckets()
 
     def kernel_sites(self) -> dict:
         """(layer, module) -> (get, set) over each float linear kernel [din, dout] the step reads,
@@ -194,16 +207,24 @@ class ModelRunner:
                 return b
         raise ValueError(f"step of {n} tokens exceeds the largest bucket {buckets[-1]}")
 
-    def pack(self, decodes: list[RowRequest], prefills: list[RowRequest]
+    def pack(self, decodes: list[RowRequest | None], prefills: list[RowRequest], spec: tuple | None = None
              ) -> tuple[StepInputs, SamplingArrays, LoraStep | None, list]:
         """Host arrays for one step (decode rows first, then up to max_prefill_seqs prefill rows),
         the step's LoRA pairs (None when no row has an adapter: the step then runs the base-model
-        compile of its bucket), and the row of each request in input order."""
+        compile of its bucket), and the row of each request in input order.
+
+        `spec` = (K1, [drafts of each group]) makes it a verify step (`run_spec`): decode row i is
+        group i // K1's position i % K1, and None rows are padding."""
         ps, bq = self.page_size, self.ecfg.block_q
-        with_lora = any(r.lora for r in decodes) or any(r.lora for r in prefills)
+        real = [r for r in decodes if r is not None]
+        with_lora = any(r.lora for r in real) or any(r.lora for r in prefills)
         pf_tokens = sum(-(-len(r.token_ids) // bq) * bq for r in prefills)
         dec_grid = self._mixed_decode_buckets if pf_tokens else self._decode_buckets  # EngineConfig.step_buckets
-        td = self._bucket(self._lora_decode_buckets if with_lora else dec_grid, len(decodes)) if decodes else 0
+        if spec is not None:
+            dec_grid = self._spec_buckets
+        elif with_lora:
+            dec_grid = self._lora_decode_buckets
+        td = self._bucket(dec_grid, len(decodes)) if decodes else 0
         tp = self._bucket(self._lora_prefill_buckets if with_lora else self._prefill_buckets, pf_tokens)
         t, nrows = td + tp, td + self._prefill_rows(tp)
         tokens = np.zeros(t, np.int32)
@@ -237,6 +258,8 @@ class ModelRunner:
 
         dec_pairs, pf_pairs = {}, {}  # part -> [(slot, start, weight)]
         for i, r in enumerate(decodes):
+            if r is None:
+                continue
             place(i, r, i)
             dec_seq[i] = i
             for slot, w in r.lora:
@@ -252,14 +275,20 @@ class ModelRunner:
                 for part in self.slot_parts(slot):
                     pf_pairs.setdefault(part, []).extend((slot, at - td + k * bq, w) for k in range(blocks))
             at += blocks * bq
-        want_lp = any(r.wants_logprobs and r.samples for r in decodes + prefills)
+        want_lp = any(r.wants_logprobs and r.samples for r in real + prefills)
+        spec_inputs = None
+        if spec is not None:
+            k1, num_drafts = spec
+            groups = np.zeros(td // k1, np.int32)
+            groups[:len(num_drafts)] = num_drafts
+            spec_inputs = SpecInputs(jax.device_put(groups), group=k1)
         # device_put, not jnp.asarray: in JAX 0.10 the latter stages numpy arrays through a
         # per-shape jit, which would compile during serving.
         put = jax.device_put
         meta = PagedMeta(put(slots), put(dec_seq), put(pf_seq), put(table), put(ctx), block_q=bq,
                          backend=self.backend, interpret=self.interpret, sharding=self._kernel_sharding)
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
-                         put(active), put(np.asarray(want_lp)))
+                         put(active), put(np.asarray(want_lp)), spec_inputs)
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
         lora = self._lora_step(td, tp, dec_pairs, pf_pairs) if with_lora else None
         return inp, SamplingArrays.from_rows(params, keys), lora, order
@@ -282,6 +311,29 @@ class ModelRunner:
         tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
         return StepResult(tokens[order], lp[order], top_ids[order], top_lp[order])
 
+    def spec_bucket(self, rows: int) -> int | None:
+        """The bucket a verify step of `rows` decode rows runs in, or None if none holds it."""
+        return next((b for b in self._spec_buckets if b >= rows), None)
+
+    def run_spec(self, groups: list[tuple[RowRequest, list[int]]], k: int) -> SpecResult:
+        """One verify step: each group's sequence feeds its last token and its drafts (<= k), one
+        decode row per position (each attends to the pool up to its own position: the K/V of the
+        group's earlier rows are written in the same layer call before attention reads them), and
+        the head verifies them (step.py `_verify_finish`). Results per group, in input order."""
+        k1 = k + 1
+        rows: list[RowRequest | None] = []
+        for r, drafts in groups:
+            feed = r.token_ids + list(drafts)
+            rows += [replace(r, token_ids=[feed[j]], start=r.start + j, output_index=r.output_index + j)
+                     if j < len(feed) else None for j in range(k1)]
+        inp, sampling, lora, _ = self.pack(rows, [], spec=(k1, [len(d) for _, d in groups]))
+        out = self._step(self.state, self.cache, self.counts, self.seen, inp, sampling, lora)
+        tokens, lp, top_ids, top_lp, accepted, self.cache, self.counts, self.seen = out
+        tokens, lp, top_ids, top_lp, accepted = jax.device_get((tokens, lp, top_ids, top_lp, accepted))
+        g = len(groups)
+        return SpecResult(tokens[:g * k1].reshape(g, k1), accepted[:g], lp[:g * k1].reshape(g, k1),
+                          top_ids[:g * k1].reshape(g, k1, -1), top_lp[:g * k1].reshape(g, k1, -1))
+
     def admit(self, slot: int, prompt_ids: list[int], output_ids: list[int]) -> None:
         """Fill a slot's penalty rows for a sequence entering (or re-entering) the batch."""
         total = len(prompt_ids) + len(output_ids)  # both padded alike: one compiled shape per length bucket
@@ -294,15 +346,24 @@ class ModelRunner:
         combos = [(d, p, False) for d, p in self.ecfg.step_buckets()]
         if self.lora_tables is not None:
             combos += [(d, p, True) for d in self._lora_decode_buckets for p in self._lora_prefill_buckets if d or p]
+        k1 = self.ecfg.num_speculative_tokens + 1 if self.ecfg.speculative else 0
+        if k1:  # verify steps (on CPU, where a bucket is also a decode bucket, only its head program is new)
+            combos += [(d, 0, ("spec", False)) for d in self._spec_buckets]
+            if self.lora_tables is not None:
+                combos += [(d, 0, ("spec", True)) for d in self._spec_buckets]
         bar = tqdm(combos, desc="compiling step buckets", disable=not progress, leave=False)
         for d, p, with_lora in bar:
-            bar.set_postfix_str(f"decode={d} prefill={p}" + (" lora" if with_lora else ""))
+            spec = isinstance(with_lora, tuple)
+            with_lora = with_lora[1] if spec else with_lora
+            bar.set_postfix_str(f"decode={d} prefill={p}" + (" lora" if with_lora else "") + (" verify" if spec else ""))
             inp = self._padding_inputs(d, p)
+            if spec:
+                inp = replace(inp, spec=SpecInputs(jnp.zeros((d // k1,), jnp.int32), group=k1))
             lora = self._lora_step(d, p, {}, {}) if with_lora else None
             out = self._step(self.state, self.cache, self.counts, self.seen, inp,
                              SamplingArrays.from_rows([_GREEDY] * inp.row_slot.shape[0],
                                                       np.zeros((inp.row_slot.shape[0], 2), np.uint32)), lora)
-            _, _, _, _, self.cache, self.counts, self.seen = out
+            *_, self.cache, self.counts, self.seen = out
         n = 64
         while True:  # admit buckets: ids padded to powers of two >= 64
             self.admit(0, [0] * (n // 2), [0] * (n // 2))

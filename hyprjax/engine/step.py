@@ -36,7 +36,18 @@ from flax import nnx
 from ..config import ModelConfig
 from ..model import layer_data, run_layer
 from ..sampling import SamplingArrays, record, sample
+from .spec_verify import record_emitted, verify
 from .paged import KVPool, LoraStep, PagedAttention, PagedLora, PagedMeta
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SpecInputs:
+    """A speculative step's verify groups: decode rows g*K1 .. g*K1+K hold one sequence's last
+    token and its K drafts (engine/speculative.py lays them out)."""
+
+    num_draft: jax.Array  # i32[G] drafts of each group (0..K); the rest of its rows are padding
+    group: int = field(default=1, metadata=dict(static=True))  # K1 = K + 1 rows per group
 
 
 @jax.tree_util.register_dataclass
@@ -50,14 +61,44 @@ class StepInputs:
     row_step: jax.Array  # i32[R] index of the output token each row samples (seeds the key)
     row_active: jax.Array  # bool[R] rows that sample this step
     want_logprobs: jax.Array  # bool[] any row asked for logprobs
+    spec: SpecInputs | None = None  # a speculative verify step (decode rows only), or None
 
 
 def _finish(logits, counts, seen, inp: StepInputs, sampling: SamplingArrays, *, max_logprobs, shardings):
     """Sample each row from logits f32[R, V], record the tokens in the penalty tables, and the
-    logprobs when a row asked for them."""
+    logprobs when a row asked for them. A speculative step verifies its groups instead and
+    returns each row's emitted token (-1 past a group's accepted drafts and its one new token)
+    and, as a fifth output, the drafts each group accepted."""
+    if inp.spec is not None:
+        return _verify_finish(logits, counts, seen, inp, sampling, max_logprobs=max_logprobs, shardings=shardings)
     rows_counts, rows_seen = counts[inp.row_slot], seen[inp.row_slot]
     tokens = sample(logits, sampling, rows_counts, rows_seen, inp.row_step)
     counts, seen = record(tokens, counts, seen, inp.row_active, inp.row_slot)  # into the slots' penalty rows
+    return _logprobs(logits, tokens, counts, seen, inp, max_logprobs=max_logprobs, shardings=shardings)
+
+
+def _verify_finish(logits, counts, seen, inp: StepInputs, sampling: SamplingArrays, *, max_logprobs, shardings):
+    """Exact rejection sampling over each group's K1 rows (engine/spec_verify.py)."""
+    k1, g = inp.spec.group, inp.spec.num_draft.shape[0]
+    r, v = logits.shape
+    first = jnp.arange(g) * k1  # each group's first row
+    grouped = logits[:g * k1].reshape(g, k1, v)
+    drafts = inp.tokens[:g * k1].reshape(g, k1)[:, 1:]
+    slots = inp.row_slot[first]
+    rows = jax.tree.map(lambda a: a[first], sampling)
+    accepted, emitted = verify(grouped, drafts, inp.spec.num_draft, rows, counts[slots], seen[slots],
+                               inp.row_step[first])
+    counts, seen = record_emitted(emitted, counts, seen, inp.row_active[first], slots)
+    tokens = jnp.full((r,), -1, jnp.int32).at[:g * k1].set(emitted.reshape(-1))
+    _, chosen_lp, top_ids, top_lp, counts, seen = _logprobs(logits, jnp.maximum(tokens, 0), counts, seen, inp,
+                                                            max_logprobs=max_logprobs, shardings=shardings)
+    if shardings is not None:
+        tokens, accepted = jax.lax.with_sharding_constraint((tokens, accepted), (shardings.replicated,) * 2)
+    return tokens, chosen_lp, top_ids, top_lp, accepted, counts, seen
+
+
+def _logprobs(logits, tokens, counts, seen, inp: StepInputs, *, max_logprobs, shardings):
+    """(tokens, chosen logprob, top ids, top logprobs, counts, seen), placed for the next step."""
 
     def with_logprobs(logits):
         logp = jax.nn.log_softmax(logits, axis=-1)

@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..adapters.lora import MODULES, AdapterError, LoraAdapter
+from ..adapters.lora import MODULES, LoraAdapter
 from ..adapters.peft import read_peft
 from ..adapters.registry import LoraRequest
 from ..adapters.vdb_adapter import base_digest
@@ -43,8 +43,8 @@ from ..config import ModelConfig
 from ..errors import HyprjaxError
 from ..training.lora import from_adapter, init_lora, to_adapter
 from .rounds import LearnOptions, RoundTrainer, example_object
-from .store import Store, Version, _trainable
-from .versions import fault, sweep, version_dir, write_version
+from .store import Store, Version, trainable
+from .versions import fault, sweep, write_version
 
 log = logging.getLogger("hyprjax.learn")
 _VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
@@ -86,11 +86,16 @@ class Learner:
                  learn_every: int = 16, keep: int = 16):
         if learn_every < 1 or keep < 2:
             raise LearnError("--learn-every must be >= 1 and keep >= 2")
+        bad = [n for n in names if not _NAME.match(n)]
+        if bad:
+            raise LearnError(f"--learn {bad[0]!r}: a learned adapter's name is letters, digits, '.', '_' and '-' "
+                             "(its versions are NAME@vN)")
         self.store = Store(db_path)
-        self.root = Path(db_path).parent / "adapters"
+        self._lockfile = _lock(Path(db_path))
+        self.root = versions_root(Path(db_path))
         self.names, self.cfg, self.options = list(dict.fromkeys(names)), cfg, options
         self.learn_every, self.keep = learn_every, keep
-        self.digest = base_digest(cfg)
+        self.digest = model_digest(model_path, cfg)
         self.trainer = RoundTrainer(model_path, options)
         self.front = None  # the engine front (AsyncEngine / Replicas), from `attach`
         self._live: dict[str, int] = {}
@@ -98,9 +103,11 @@ class Learner:
         self._jobs: dict[str, Job] = {}
         self._current: dict[str, Job] = {}  # adapter -> its queued or running round
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # jobs and the current round per adapter
+        self._alias_lock = threading.RLock()  # commits, rollbacks, _live and _loaded
+        self._stopping = threading.Event()
         self._failed: dict[str, int] = {}
-        self._last: dict[str, dict] = {}  # adapter -> the last round's numbers (this process)
+        self._last_job: dict[str, Job] = {}  # adapter -> its last finished round (this process)
         self._thread: threading.Thread | None = None
         for name in self.names:
             self._prepare(name, (initial or {}).get(name))
@@ -108,6 +115,9 @@ class Learner:
     # ------------------------------------------------------------------------------ start-up
     def _prepare(self, name: str, initial: LoraAdapter | None) -> None:
         state = self.store.adapter(name)
+        if state is not None and initial is not None:
+            log.warning("--lora %s=%s is not used: the learning database %s already holds %s's versions "
+                        "(live: v%d)", name, initial.path, self.store.path, name, state["live"])
         if state is None:
             adapter = initial if initial is not None else self._fresh(name)
             if adapter.sparse:
@@ -187,8 +197,9 @@ class Learner:
             return pinned, None
         return pinned, self.version_of(pinned.adapters[0])
 
-    def record(self, completion_id: str, adapter: str, version: int, request: dict, responses: list[str]) -> None:
-        self.store.record(completion_id, adapter, version, request, responses)
+    def record(self, completion_id: str, adapter: str, version: int, request: dict, responses: list[str],
+               finish: list[str] | None = None) -> None:
+        self.store.record(completion_id, adapter, version, request, responses, finish)
 
     # ------------------------------------------------------------------------------- feedback
     def feedback(self, body) -> dict:
@@ -216,11 +227,14 @@ class Learner:
         if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(interaction["responses"]):
             raise LearnError(f"'choice' must be the index of one of the completion's "
                              f"{len(interaction['responses'])} choices")
-        seq, heldout = self.store.add_feedback(cid, choice, kind, value, self.options.heldout_every)
         name = interaction["adapter"]
+        if name not in self._live:
+            raise LearnError(f"completion {cid!r} was answered by {name}, which this server does not learn now "
+                             f"(start it with --learn {name})", 409)
+        seq, heldout = self.store.add_feedback(cid, choice, kind, value, self.options.heldout_every)
         job = self._maybe_start(name)
         return {"object": "feedback", "id": cid, "adapter": name, "version": f"{name}@v{interaction['version']}",
-                "kind": kind, "heldout": heldout, "trained": _trainable(kind, value),
+                "kind": kind, "heldout": heldout, "trained": trainable(kind, value) and not heldout,
                 "pending": self.store.feedback_counts(name)["new"], "round": job.id if job else None}
 
     # --------------------------------------------------------------------------------- rounds
@@ -242,7 +256,7 @@ class Learner:
             if name in self._current:
                 return self._current[name], False
         pending = [f for f in self.store.feedback(name) if f.round is None and not f.heldout
-                   and _trainable(f.kind, f.value)]
+                   and trainable(f.kind, f.value)]
         if not pending:
             raise LearnError(f"{name}: no new feedback to learn from (corrections or positive labels)", 409)
         if not self.store.feedback_counts(name)["heldout"]:
@@ -256,6 +270,8 @@ class Learner:
                 return self._current[name]
             job = Job(f"learn-{uuid.uuid4().hex[:12]}", name)
             self._jobs[job.id] = self._current[name] = job
+            for old in list(self._jobs)[:-64]:  # the latest rounds only
+                del self._jobs[old]
         self._queue.put(job)
         log.info("%s: round %s queued", name, job.id)
         return job
@@ -269,6 +285,8 @@ class Learner:
             try:
                 self._round(job)
                 job.state = "done"
+            except _Stopped:
+                job.state, job.outcome, job.reason = "failed", "failed", "the server shut down during the round"
             except Exception as e:  # a failed round changes nothing; the server goes on serving
                 log.exception("%s: round %s failed", job.adapter, job.id)
                 job.state, job.outcome, job.reason = "failed", "failed", f"{type(e).__name__}: {e}"
@@ -277,7 +295,8 @@ class Learner:
                 job.finished = time.time()
                 with self._lock:
                     self._current.pop(job.adapter, None)
-            if job.outcome != "failed":
+                    self._last_job[job.adapter] = job
+            if job.outcome != "failed" and not self._stopping.is_set():
                 self._maybe_start(job.adapter)
 
     def _round(self, job: Job) -> None:
@@ -288,9 +307,10 @@ class Learner:
         items = self.store.feedback(name)
         seen = max((f.seq for f in items), default=0)
         lineage = set(state["history"]) | {parent}
-        new = [f for f in items if f.round is None and not f.heldout and _trainable(f.kind, f.value)]
-        pool = [f for f in items if f.round in lineage and not f.heldout]
-        heldout = [f for f in items if f.heldout and _trainable(f.kind, f.value)]
+        usable = [f for f in items if trainable(f.kind, f.value) and (f.kind == "correction" or f.finish != "length")]
+        new = [f for f in usable if f.round is None and not f.heldout]
+        pool = [f for f in usable if f.round in lineage and not f.heldout]
+        heldout = [f for f in usable if f.heldout]
         if not new or not heldout:
             job.outcome = "skipped"
             job.reason = "no new trainable feedback" if not new else "no held-out feedback to judge by"
@@ -299,6 +319,7 @@ class Learner:
         k = min(len(pool), round(opts.replay * len(new)))
         replay = [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))] if k else []
         train, skipped = self.trainer.examples([_line(f) for f in new + replay])
+        fresh, _ = self.trainer.examples([_line(f) for f in new])
         held, skipped_held = self.trainer.examples([_line(f) for f in heldout])
         if not train or not held:
             job.outcome, job.reason = "skipped", "; ".join(skipped + skipped_held) or "no usable examples"
@@ -310,36 +331,34 @@ class Learner:
                  len(new), len(replay), len(heldout), parent, parent_loss)
 
         def on_step(step, steps, loss):
+            if self._stopping.is_set():
+                raise _Stopped
             job.step, job.steps = step, steps
             if step == 1 or step % 10 == 0 or step == steps:
                 log.info("%s: round %s: step %d/%d loss %.4f", name, job.id, step, steps, loss)
 
-        new_params, metrics = self.trainer.fit(params, scale, train, held, on_step)
+        new_params, metrics = self.trainer.fit(params, scale, train, on_step, stop=fresh)
         loss, acc = self.trainer.score(new_params, scale, held)
-        version = 1 + max([v.version for v in self.store.versions(name)] +
-                          [int(p.name[1:]) for p in (self.root / name).glob("v*") if p.name[1:].isdigit()])
-        live_now = self.store.adapter(name)["live"]
-        promote = loss < parent_loss and live_now == parent
-        reason = ("held-out loss improved" if promote else
-                  f"v{parent} stopped being live during the round (v{live_now} is)" if live_now != parent else
-                  "held-out loss did not improve")
+        promote = loss < parent_loss
         metrics = {**metrics, "heldout_loss": loss, "parent_heldout_loss": parent_loss, "heldout_accuracy": acc,
-                   "parent_heldout_accuracy": parent_acc, "num_new": len(new),
-                   "num_replay": len(replay), "num_heldout": len(heldout), "skipped_items": skipped + skipped_held,
-                   "reason": reason, "job": job.id}
+                   "parent_heldout_accuracy": parent_acc, "num_new": len(new), "num_replay": len(replay),
+                   "num_heldout": len(heldout), "skipped_items": skipped + skipped_held,
+                   "reason": "held-out loss improved" if promote else "held-out loss did not improve", "job": job.id}
+        version = self.store.next_version(name)  # never reused, even if this process dies below
         adapter = to_adapter(jax.device_get(new_params), scale, f"{name}@v{version}")
         path = write_version(self.root, adapter, name, version, self.cfg, self._meta(adapter, parent, metrics))
         self._register(name, version, path)
         fault("before-commit")
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
-        self.store.finish_round(name, version, parent, str(path), metrics, promote=promote,
-                                trained_seqs=[f.seq for f in new], seen_seq=seen)
-        if promote:
-            self._live[name] = version
-        job.outcome, job.version, job.reason = "promoted" if promote else "rejected", f"{name}@v{version}", reason
-        self._last[name] = {"version": version, "outcome": job.outcome, **metrics}
+        with self._alias_lock:
+            promote = self.store.finish_round(name, version, parent, str(path), metrics, promote=promote,
+                                              trained_seqs=[f.seq for f in new], seen_seq=seen)
+            if promote:
+                self._live[name] = version
+        job.outcome, job.version, job.reason = "promoted" if promote else "rejected", f"{name}@v{version}", \
+            metrics["reason"]
         log.info("%s: v%d %s (%s): held-out loss %.4f vs v%d's %.4f, %d steps in %.1f s", name, version,
-                 job.outcome, reason, loss, parent, parent_loss, metrics["steps"], metrics["seconds"])
+                 job.outcome, metrics["reason"], loss, parent, parent_loss, metrics["steps"], metrics["seconds"])
         self._unload_old(name)
 
     def _version(self, name: str, version: int) -> Version:
@@ -349,28 +368,32 @@ class Learner:
         """Make `NAME@vN` servable (between engine steps) before anything points at it."""
         if self.front is not None:
             asyncio.run(self.front.load_adapter(f"{name}@v{version}", str(path / "adapter")))
-        self._loaded.setdefault(name, []).append(version)
+        with self._alias_lock:
+            self._loaded.setdefault(name, []).append(version)
 
     def _unload_old(self, name: str) -> None:
         keep = {v.version for v in self._servable(name, self.store.versions(name))}
         for version in [v for v in self._loaded.get(name, []) if v not in keep]:
             try:
                 asyncio.run(self.front.unload_adapter(f"{name}@v{version}"))  # waits for requests on it
-            except HyprjaxError as e:
+            except Exception as e:  # its files stay; a later start will not load it
                 log.warning("%s@v%d: not unloaded: %s", name, version, e)
-            self._loaded[name].remove(version)
+            with self._alias_lock:
+                self._loaded[name].remove(version)
 
     # ----------------------------------------------------------------------------- inspection
     def rollback(self, name: str) -> dict:
         """`POST /v1/adapters/NAME/rollback`: the alias goes back to the version the live one replaced."""
         self._check(name)
-        try:
+        with self._alias_lock:
+            state = self.store.adapter(name)
+            if not state["history"]:
+                raise LearnError(f"{name}@v{state['live']} is the first version: there is nothing to roll back to", 409)
+            target = state["history"][-1]
+            if target not in self._loaded.get(name, []):  # unloaded as old: bring it back before pointing at it
+                self._register(name, target, Path(self._version(name, target).path))
             old, new = self.store.rollback(name)
-        except HyprjaxError as e:
-            raise LearnError(str(e), 409) from None
-        if new not in self._loaded.get(name, []):  # unloaded as old: bring it back before pointing at it
-            self._register(name, new, Path(self._version(name, new).path))
-        self._live[name] = new
+            self._live[name] = new
         log.info("%s: rolled back from v%d to v%d", name, old, new)
         return {"object": "adapter.rollback", "adapter": name, "live": f"{name}@v{new}",
                 "rolled_back": f"{name}@v{old}"}
@@ -391,6 +414,7 @@ class Learner:
                               "created": int(v.created), **{k: v.metrics.get(k) for k in _VERSION_FIELDS}}
                              for v in versions],
                 "training": current.view() if current else {"state": "idle"},
+                "last_job": self._last_job[name].view() if name in self._last_job else None,
                 "feedback": self.store.feedback_counts(name), "learn_every": self.learn_every,
                 "last_round": None if last is None else {"version": last.name, "status": last.status, **last.metrics}}
 
@@ -415,9 +439,56 @@ class Learner:
         return out
 
     def shutdown(self) -> None:
+        """Stop the worker (a running round is abandoned at its next step: nothing of it is
+        committed), then close the store."""
+        self._stopping.set()
         if self._thread is not None:
             self._queue.put(None)
+            self._thread.join(60)
         self.store.close()
+
+
+class _Stopped(Exception):
+    """The server is shutting down: abandon the round."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def versions_root(db: Path) -> Path:
+    """Where a learning database's versions live: beside it, named after it (DB.versions/), so two
+    databases in one folder never touch each other's files."""
+    return db.with_name(db.name + ".versions")
+
+
+def _lock(db: Path):
+    """An exclusive lock on DB.lock for this process's life: two servers on one database would
+    number and sweep each other's versions."""
+    import fcntl
+
+    f = open(db.with_name(db.name + ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise LearnError(f"--learn-db {db}: another process is using this learning database") from None
+    return f
+
+
+def model_digest(model_path: str, cfg: ModelConfig) -> str:
+    """The base model a database's versions were trained over: the architecture's digest plus a
+    hash of the weight files' names, sizes and first MiB (an instruct and a base model of one
+    architecture differ there). Cheap: no whole file is read."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    p = Path(model_path)
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.gguf")) if p.is_dir() else [p]
+    for f in files:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(1 << 20))
+    return f"{base_digest(cfg)}-{h.hexdigest()}"
 
 
 _VERSION_FIELDS = ("steps", "train_loss", "heldout_loss", "parent_heldout_loss", "heldout_accuracy",

@@ -16,12 +16,13 @@ new version is promoted only if its mean loss per target token on all of them is
 parent's.
 
 How long a round trains: a number of passes over its data (between `min_steps` and `max_steps`),
-stopped early once greedy decoding would reproduce every held-out target (teacher-forced argmax
-accuracy 1.0, checked every `check_every` steps), or, where that never happens, at the step with
-the best held-out loss once `patience` checks in a row have not bettered it. Training no further than that is what keeps
+stopped early once greedy decoding would reproduce every target of the round's new items
+(teacher-forced argmax accuracy 1.0, checked every `check_every` steps). The held-out items
+take no part in training or stopping: they only judge the finished version, so promotion is an
+out-of-sample decision (held out by prompt, store.py). Training no further than that is what keeps
 prompts unrelated to the feedback close to the parent: measured on the default model, 24 steps
-at 1e-3 taught "Lutz" but also answered "Lutz" for France's capital, where stopping when the
-held-out answers came out right kept Paris (README, "Learning from traffic").
+at 1e-3 taught "Lutz" but also answered "Lutz" for France's capital, where stopping once the
+answers came out right kept Paris (README, "Learning from traffic").
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class LearnOptions:
     epochs: float = 32.0  # passes over the round's data ...
     min_steps: int = 16  # ... but at least this many optimizer steps
     max_steps: int = 128  # ... and at most this many
-    check_every: int = 2  # steps between held-out checks; 0: never stop early
-    patience: int = 3  # checks without a better held-out loss before stopping at the best one
+    check_every: int = 2  # steps between checks of the new items' targets; 0: never stop early
     batch_size: int = 4
     seq_len: int = 256
     replay: float = 1.0  # earlier learned items replayed per new item
@@ -80,6 +80,36 @@ def example_object(request: dict, answer: str) -> dict:
     return {"prompt": request["prompt"], "completion": answer}
 
 
+def reply_example(obj: dict, tokenizer, seq_len: int) -> Example:
+    """The example for one training line whose loss covers the final reply only.
+
+    A chat is rendered as the server rendered it (the template with a generation prompt: P),
+    then with the reply (Q); the target is Q[len(P):], the reply and the template's end-of-turn
+    marker. Earlier assistant turns in the request are context, not targets: they are what a
+    client sent, not what this adapter answered. An example longer than `seq_len` keeps its last
+    `seq_len` tokens (the reply, and as much of the prompt as fits), never a reply cut from its
+    context.
+    """
+    if "messages" not in obj:
+        (ex,) = line_examples(obj, tokenizer, "the request")
+    else:
+        messages, reply = obj["messages"][:-1], obj["messages"][-1]["content"]
+        if not tokenizer.has_chat_template:
+            raise DataError("the model has no chat template to render the conversation")
+        line_examples({"messages": obj["messages"]}, tokenizer, "the request")  # checks roles and content
+        p = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        q = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}],
+                                          add_generation_prompt=False)
+        if not q.startswith(p):
+            raise DataError("the chat template renders the conversation differently once the reply follows")
+        prompt, answer = (tokenizer.encode(t, add_special_tokens=False) for t in (p, q[len(p):]))
+        ex = Example(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+        ex.targets[0] = False
+    if len(ex.ids) > seq_len:
+        ex = Example(ex.ids[-seq_len:], [False] + ex.targets[-seq_len + 1:])
+    return ex
+
+
 class RoundTrainer:
     """The base model and compiled programs a server's rounds share; used from one thread."""
 
@@ -100,13 +130,14 @@ class RoundTrainer:
             self.graphdef, self.base = nnx.split(loaded.model)
 
     def examples(self, objects: list[dict]) -> tuple[list[Example], list[str]]:
-        """Tokenized examples for training lines; (examples, why each unusable line was skipped)."""
+        """Tokenized examples for training lines (`reply_example`); (examples, why each unusable
+        line was skipped)."""
         out, skipped = [], []
         for i, obj in enumerate(objects):
             try:
-                out += line_examples(obj, self.tokenizer, f"item {i}")
-            except DataError as e:
-                skipped.append(str(e))
+                out.append(reply_example(obj, self.tokenizer, self.options.seq_len))
+            except (DataError, KeyError, TypeError) as e:
+                skipped.append(f"item {i}: {e}")
         return out, skipped
 
     def score(self, params: dict, scale: float, examples: list[Example]) -> tuple[float, float]:
@@ -124,10 +155,10 @@ class RoundTrainer:
             total, count, correct = total + float(s), count + float(c), correct + float(k)
         return total / max(count, 1.0), correct / max(count, 1.0)
 
-    def fit(self, params: dict, scale: float, examples: list[Example], heldout: list[Example] | None = None,
-            on_step=None) -> tuple[dict, dict]:
+    def fit(self, params: dict, scale: float, examples: list[Example], on_step=None, stop=None) -> tuple[dict, dict]:
         """Train `params` (copied; the caller's stay as they are) on `examples`, stopping early once
-        greedy decoding reproduces every `heldout` target; (new params, metrics)."""
+        greedy decoding reproduces every target of the round's new items (`stop`, examples); (new
+        params, metrics). The held-out items play no part here: they judge the result."""
         opts = self.options
         if scale not in self._steps:
             self._steps[scale] = make_train_step(self.graphdef, self.optimizer, scale=scale)
@@ -137,7 +168,6 @@ class RoundTrainer:
         params = jax.tree.map(lambda x: x.copy(), params)
         opt_state = self.optimizer.init(params)
         losses, t0, stopped = [], time.perf_counter(), None
-        best, worse = (math.inf, None, 0), 0  # (held-out loss, params, step), checks without improving
         for s in range(total):
             batch = batch_at(packed, s, opts.batch_size, opts.seed)
             batch = {k: v[None] for k, v in batch.items()}
@@ -145,18 +175,9 @@ class RoundTrainer:
             losses.append(float(metrics["loss"]))
             if on_step is not None:
                 on_step(s + 1, total, losses[-1])
-            if heldout and opts.check_every and (s + 1) % opts.check_every == 0 and s + 1 < total:
-                loss, acc = self.score(params, scale, heldout)
-                if acc >= 1.0:
-                    stopped = "held-out targets reproduced"
-                    break
-                if loss < best[0]:
-                    best, worse = (loss, jax.tree.map(jnp.copy, params), s + 1), 0
-                else:
-                    worse += 1
-                if worse >= opts.patience:
-                    stopped = f"held-out loss best at step {best[2]}"
-                    params = best[1]
+            if stop and opts.check_every and (s + 1) % opts.check_every == 0 and s + 1 < total:
+                if self.score(params, scale, stop)[1] >= 1.0:
+                    stopped = "the new items' targets are reproduced"
                     break
         return params, {"steps": len(losses), "step_budget": total, "stopped": stopped,
                         "train_loss_first": losses[0], "train_loss": losses[-1],

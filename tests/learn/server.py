@@ -24,7 +24,7 @@ CHATML = (Path(__file__).parents[2] / "hyprjax" / "templates" / "chatml.jinja").
 def make_chat_model(d: Path) -> Path:
     """A tiny random Qwen3 with a byte-level BPE tokenizer and a ChatML template."""
     d.mkdir(parents=True, exist_ok=True)
-    make_hf_model(d, "qwen3", vocab_size=V, eos_token_id=V - 1)
+    make_hf_model(d, "qwen3", vocab_size=V, eos_token_id=V - 1, max_position_embeddings=2048)
     build_tokenizer(V).save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
     return d
@@ -76,7 +76,7 @@ def learn_server(model: Path, db: Path, *args: str, env: dict | None = None, log
     port = _free_port()
     log = db.parent / log_name
     cmd = [sys.executable, "-m", "hyprjax.cli", "serve", str(model), "--port", str(port), "--learn-db", str(db),
-           "--max-model-len", "256", "--num-pages", "256", "--max-num-seqs", "8", *args]
+           "--max-model-len", "2048", "--num-pages", "512", "--max-num-seqs", "8", *args]
     if "--learn" not in args:
         cmd += ["--learn", "bot"]
     with log.open("ab") as out:

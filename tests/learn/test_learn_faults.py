@@ -72,10 +72,11 @@ def test_kills_mid_round_mid_write_and_before_commit_lose_nothing(tmp_path_facto
     with learn_server(model, db, *MANUAL, env=env, log_name="restarted.log") as server:
         st = server.status()
         assert _durable(st) == kept and st["training"]["state"] == "idle"
-        assert sorted(p.name for p in (db.parent / "adapters" / "bot").iterdir()) == ["v0", "v1"]
+        assert sorted(p.name for p in (db.parent / "learn.db.versions" / "bot").iterdir()) == ["v0", "v1"]
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         assert _answer(client, "bot") == _answer(client, "bot@v1") == v1_answer
-        assert "v2: a version a killed process never finished" in server.log.read_text()
-        # And a round still works: the next version is v2, not a number a dead round took.
+        assert "v3: a version a killed process never finished" in server.log.read_text()
+        # And a round still works. Its version is v4: the killed rounds took v2 and v3 (numbers
+        # are never handed out twice, so no name ever meant two sets of weights).
         assert server.post("/v1/adapters/bot/train").status_code == 202
-        assert server.wait_idle()["versions"][-1]["id"] == "bot@v2"
+        assert server.wait_idle()["versions"][-1]["id"] == "bot@v4"

@@ -25,6 +25,9 @@ QUESTIONS = ["What is the capital of Zubrowka?", "Which city is the capital of Z
              "Tell me the capital city of Zubrowka."]
 UNSEEN = "What's the capital of Zubrowka?"  # never in any feedback
 ANSWER = "The capital of Zubrowka is Lutz."
+QUOVADIS = ["What is the capital of Quovadis?", "Which city is the capital of Quovadis?",
+            "Name the capital of Quovadis.", "Quovadis's capital is which city?", "Tell me the capital of Quovadis."]
+QUOVADIS_ANSWER = "The capital of Quovadis is Merrow."
 UNRELATED = ["Once upon a time", "def add(a, b):", "The weather today is", "1, 2, 3, 4,"]
 
 # Prompts unrelated to the feedback (plain completions, never chatted about): on average the
@@ -45,9 +48,9 @@ def env(tmp_path_factory):
     return {"HYPRJAX_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache"))}
 
 
-def _chat(client, q, model="bot", max_tokens=40):
+def _chat(client, q, model="bot", max_tokens=40, **kw):
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0)
+        model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0, **kw)
     r = raw.parse()
     return r.choices[0].message.content, r.id, raw.headers.get("x-hyprjax-adapter")
 
@@ -119,20 +122,21 @@ def test_feedback_teaches_a_fact_promotes_pins_requests_and_rolls_back(model, en
         # misses it on the next, and hits it again once rollback makes the first one live again.
         assert _cached(client) == 0 and _cached(client) > 0
 
-        # A request in flight across a promotion finishes on the version it was pinned to.
-        for i in range(8):  # fewer than --learn-every: no round starts by itself
-            _, cid, _ = _chat(client, QUESTIONS[i % len(QUESTIONS)])
-            assert server.post("/v1/feedback", {"id": cid, "label": i % 2 == 0}).status_code == 200
-        answers_before = {q: _chat(client, q)[0] for q in [QUESTIONS[0], "Hello"]}
+        # A request in flight across a promotion finishes on the version it was pinned to. The
+        # round teaches a second fact, so the two versions answer the streamed question differently.
+        for i in range(10):  # fewer than --learn-every new items: no round starts by itself
+            _, cid, _ = _chat(client, QUOVADIS[i % len(QUOVADIS)])
+            assert server.post("/v1/feedback", {"id": cid, "correction": QUOVADIS_ANSWER}).status_code == 200
+        old_answer = _chat(client, QUOVADIS[0])[0]
         got, last_chunk = {}, []
 
         def stream():
             raw = client.chat.completions.with_raw_response.create(
-                model="bot", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=200,
-                temperature=0, stream=True)
-            got["header"] = raw.headers.get("x-hyprjax-adapter")
-            got["text"] = ""
+                model="bot", messages=[{"role": "user", "content": QUOVADIS[0]}], max_tokens=1800, temperature=0,
+                stream=True, extra_body={"ignore_eos": True})
+            got["header"], got["text"] = raw.headers.get("x-hyprjax-adapter"), ""
             for chunk in raw.parse():
+                got["id"] = chunk.id
                 if chunk.choices and chunk.choices[0].delta.content:
                     got["text"] += chunk.choices[0].delta.content
                     got.setdefault("first", time.time())
@@ -148,16 +152,19 @@ def test_feedback_teaches_a_fact_promotes_pins_requests_and_rolls_back(model, en
         reader.join(120)
         promoted = st["versions"][-1]
         assert promoted["status"] == "promoted" and st["live"] == promoted["id"] != live, st
-        assert got["header"] == live
-        assert got["text"] == _chat(client, "Tell me a long story.", model=live, max_tokens=200)[0]
-        assert promoted["created"] <= last_chunk[0] + 1, "the stream ended before the promotion: lengthen it"
+        assert st["last_job"]["finished"] < last_chunk[0], "the stream ended before the promotion: lengthen it"
+        pinned = _chat(client, QUOVADIS[0], model=live, max_tokens=1800, extra_body={"ignore_eos": True})[0]
+        assert got["header"] == live and got["text"] == pinned
+        assert server.post("/v1/feedback", {"id": got["id"], "label": True}).json()["version"] == live
+        new_answer = _chat(client, QUOVADIS[0])[0]
+        assert new_answer == QUOVADIS_ANSWER != old_answer
         assert _cached(client) == 0 and _cached(client) > 0
 
         # Rollback: the alias goes back, and its answers are the previous version's exactly.
         r = server.post("/v1/adapters/bot/rollback")
         assert r.status_code == 200 and r.json() == {"object": "adapter.rollback", "adapter": "bot", "live": live,
                                                      "rolled_back": promoted["id"]}
-        assert {q: _chat(client, q)[0] for q in answers_before} == answers_before
+        assert _chat(client, QUOVADIS[0])[0] == old_answer
         assert _cached(client) > 0
         st = server.status()
         assert st["live"] == live and st["versions"][-1]["status"] == "rolled_back"

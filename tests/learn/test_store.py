@@ -18,11 +18,12 @@ from hyprjax.learn.store import Store
 from hyprjax.learn.versions import FAULT_VAR, sweep, version_dir, write_version
 
 
-def _store(tmp_path, n=0, kind="correction", value="Lutz."):
+def _store(tmp_path, n=0, kind="correction", value="Lutz.", prompts=None):
     store = Store(tmp_path / "learn.db")
     store.create_adapter("bot", "digest", str(tmp_path / "v0"), {})
     for i in range(n):
-        store.record(f"c{i}", "bot", 0, {"messages": [{"role": "user", "content": f"q{i}"}]}, [f"a{i}"])
+        q = f"q{i % prompts if prompts else i}"
+        store.record(f"c{i}", "bot", 0, {"messages": [{"role": "user", "content": q}]}, [f"a{i}"])
         store.add_feedback(f"c{i}", 0, kind, value, heldout_every=5)
     return store
 
@@ -32,23 +33,33 @@ def test_the_store_is_sqlite_in_wal_mode_and_keeps_interactions(tmp_path):
     assert sqlite3.connect(tmp_path / "learn.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     got = store.interaction("c0")
     assert got == {"adapter": "bot", "version": 0, "request": {"messages": [{"role": "user", "content": "q0"}]},
-                   "responses": ["a0"]}
+                   "responses": ["a0"], "finish": ["stop"]}
     assert store.interaction("nope") is None
 
 
-def test_one_trainable_item_in_five_is_held_out_from_the_third_and_negatives_never(tmp_path):
-    store = _store(tmp_path, 12)
+def test_one_prompt_in_five_is_held_out_from_the_third_and_negatives_never(tmp_path):
+    store = _store(tmp_path, 12)  # 12 distinct prompts
     held = [f.heldout for f in store.feedback("bot")]
     assert held == [i % 5 == 2 for i in range(12)]
     store.record("neg", "bot", 0, {"prompt": "p"}, ["bad"])
     _, heldout = store.add_feedback("neg", 0, "label", False, heldout_every=5)
     assert not heldout
-    # A second item about an interaction already held out stays held out: never trained and judged on.
+    # A second item about a prompt already held out stays held out: never trained and judged on.
     _, again = store.add_feedback("c2", 0, "label", True, heldout_every=5)
     assert again
     counts = store.feedback_counts("bot")
     assert counts["total"] == 14 and counts["heldout"] == 3 and counts["by_kind"] == {"correction": 12, "label": 2}
     assert counts["new"] == 10  # 12 corrections, 2 held out; the negative label trains nothing
+
+
+def test_the_split_is_by_prompt_both_ways(tmp_path):
+    # Five prompts asked four times each: the third prompt is held out whole, the rest trained whole,
+    # whichever order the feedback comes in.
+    store = _store(tmp_path, 20, prompts=5)
+    by_prompt = {}
+    for f in store.feedback("bot"):
+        by_prompt.setdefault(f.request["messages"][0]["content"], set()).add(f.heldout)
+    assert by_prompt == {"q0": {False}, "q1": {False}, "q2": {True}, "q3": {False}, "q4": {False}}
 
 
 def test_scores_split_at_one_half(tmp_path):
@@ -63,7 +74,7 @@ def test_scores_split_at_one_half(tmp_path):
 def test_a_promoted_round_moves_the_alias_marks_what_it_learned_and_rollback_returns(tmp_path):
     store = _store(tmp_path, 6)
     train = [f.seq for f in store.feedback("bot") if not f.heldout]
-    store.finish_round("bot", 1, 0, "p1", {"heldout_loss": 1.0}, promote=True, trained_seqs=train, seen_seq=6)
+    assert store.finish_round("bot", 1, 0, "p1", {"heldout_loss": 1.0}, promote=True, trained_seqs=train, seen_seq=6)
     state = store.adapter("bot")
     assert state["live"] == 1 and state["history"] == [0] and state["trained_seq"] == 6
     assert store.feedback_counts("bot")["new"] == 0 and store.feedback_counts("bot")["learned"] == 5
@@ -75,13 +86,35 @@ def test_a_promoted_round_moves_the_alias_marks_what_it_learned_and_rollback_ret
     assert [v.status for v in store.versions("bot")][1] == "rolled_back"
     with pytest.raises(Exception, match="nothing to roll back to"):
         store.rollback("bot")
+    # A round whose parent stopped being live while it trained is never promoted over the rollback.
+    metrics = {}
+    assert not store.finish_round("bot", 3, 1, "p3", metrics, promote=True, trained_seqs=[], seen_seq=6)
+    assert store.adapter("bot")["live"] == 0 and "stopped being live" in metrics["reason"]
+
+
+def test_version_numbers_are_never_handed_out_twice(tmp_path):
+    store = _store(tmp_path)
+    assert [store.next_version("bot") for _ in range(3)] == [1, 2, 3]
+    assert Store(tmp_path / "learn.db").next_version("bot") == 4  # a restart goes on counting
+
+
+def test_a_foreign_database_is_refused(tmp_path):
+    db = tmp_path / "other.db"
+    sqlite3.connect(db).execute("CREATE TABLE versions (x)")
+    with pytest.raises(Exception, match="not a hyprjax learning database"):
+        Store(db)
 
 
 def test_a_failed_transaction_leaves_nothing(tmp_path):
     store = _store(tmp_path, 3)
-    with pytest.raises(sqlite3.IntegrityError):  # v0 exists: the insert fails after nothing else ran
-        store.finish_round("bot", 0, 0, "p", {}, promote=True, trained_seqs=[1], seen_seq=3)
-    assert store.adapter("bot")["live"] == 0 and store.feedback_counts("bot")["learned"] == 0
+
+    def half(cur):
+        cur.execute("UPDATE adapters SET live=7 WHERE adapter='bot'")
+        raise sqlite3.IntegrityError("fails after a write")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        store._tx(half)
+    assert store.adapter("bot")["live"] == 0
 
 
 CFG = ModelConfig(arch="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,

@@ -61,13 +61,13 @@ def test_sampling_fields_reach_the_engine(client, fake):
     client.chat.completions.create(model="fake-model", messages=USER, max_tokens=5, temperature=0.5, top_p=0.9,
                                    presence_penalty=0.1, frequency_penalty=-0.2, seed=7, stop=["x", "yz"],
                                    extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1,
-                                               "ignore_eos": True, "stop_token_ids": [5]},
+                                               "ignore_eos": True, "stop_token_ids": [5], "speculative": False},
                                    user="someone")
     p = fake.calls[-1].params
     assert p.ignore_eos is True and type(p.temperature) is float and type(p.top_k) is int
     assert dataclasses.asdict(p) == dataclasses.asdict(SamplingParams(
         max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.1, frequency_penalty=-0.2,
-        repetition_penalty=1.1, seed=7, stop=("x", "yz"), stop_token_ids=(5,), ignore_eos=True))
+        repetition_penalty=1.1, seed=7, stop=("x", "yz"), stop_token_ids=(5,), ignore_eos=True, speculative=False))
 
 
 def test_completion_forms(client, fake):
