@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hyprjax.learn.learner import versions_root  # noqa: E402
+from hyprjax.learn.versions import versions_root  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ["What is the capital of Zubrowka?", "Which city is the capital of Zubrowka?",

@@ -7,8 +7,9 @@ Batch 1: input-grounded prompts (rewrite, summarize, edit code given in the prom
 open-ended ones, greedy, through `hyprjax.LLM` with `speculative=None` and `"ngram"` (two
 engines over one process's weights), and llama.cpp (llama-cpp-python, built for this CPU) fed
 the same token ids. Decode speed is (tokens - 1) / (time - time to the first token), each
-prompt's median over `--repeats`. Concurrency 8 and 32: the prompts repeated into one batch,
-offline (not yet over HTTP). Writes OUT.json, OUT.md and OUT.png.
+prompt's median over `--repeats`. Concurrency 8 and 32: `hyprjax serve` with and without
+`--speculative ngram`, 2 x C streamed requests of the input-grounded prompts at C in flight
+(bench/loadgen.py, after a warm-up round). Writes OUT.json, OUT.md and OUT.png.
 """
 
 from __future__ import annotations
@@ -87,20 +88,37 @@ def main() -> int:
                 + (f", llama.cpp {row['llamacpp']:.1f}" if "llamacpp" in row else "")
                 + f", same tokens: {row['same_tokens']}")
     stats = spec.engine().stats()
+    del plain, spec  # the servers below load their own copies
     batches = {}
     for c in (8, 32):
-        batch = [ids["grounded"][i % 4] for i in range(c)]
-        for name, llm in (("plain", plain), ("ngram", spec)):
-            llm.generate(batch, params)
-            t0 = time.perf_counter()
-            out = llm.generate(batch, params)
-            batches.setdefault(c, {})[name] = sum(len(o.token_ids) for o in out) / (time.perf_counter() - t0)
-        say(f"concurrency {c}: plain {batches[c]['plain']:.1f} tok/s, ngram {batches[c]['ngram']:.1f}")
+        for name, flags in (("plain", ""), ("ngram", f"--speculative ngram --num-speculative-tokens {args.k}")):
+            batches.setdefault(c, {})[name] = http_tok_s(path, flags, c, ids["grounded"], args.max_tokens)
+        say(f"concurrency {c} over HTTP: plain {batches[c]['plain']:.1f} tok/s, ngram {batches[c]['ngram']:.1f}")
     result = {"model": path, "max_tokens": args.max_tokens, "k": args.k, "rows": [
         {k: v for k, v in r.items() if not k.endswith("_tokens")} for r in rows], "batches": batches,
         "acceptance": {k: v for k, v in stats.items() if k.startswith("spec_")}}
     write(Path(args.out), result)
     return 0
+
+
+def http_tok_s(model: str, flags: str, concurrency: int, prompts: list[list[int]], max_tokens: int) -> float:
+    """Output tokens/s of `hyprjax serve MODEL FLAGS` under `concurrency` streams of the prompts
+    (2 x concurrency requests, greedy, bench/loadgen.py), after a warm-up round."""
+    import argparse as _argparse
+    import tempfile
+
+    from bench.loadgen import RequestSpec
+    from bench.serve import hyprjax_server, one_run
+
+    a = _argparse.Namespace(model=model, hyprjax_args=flags, max_model_len=1024, max_num_batched_tokens=256,
+                            startup_timeout=900.0, timeout=900.0)
+    specs = [RequestSpec(prompts[i % len(prompts)], max_tokens) for i in range(2 * concurrency)]
+    row = one_run(hyprjax_server(a, concurrency, Path(tempfile.mkdtemp(prefix="spec-bench-"))), a, concurrency,
+                  specs, specs[:concurrency])
+    if "error" in row or row.get("failed"):
+        raise SystemExit(f"the HTTP run ({flags or 'plain'}, concurrency {concurrency}) failed: "
+                         f"{row.get('error') or row.get('first_error')}")
+    return row["output_tok_s"]
 
 
 def say(msg: str) -> None:
@@ -123,7 +141,7 @@ def write(out: Path, r: dict) -> None:
             line += f" {llama:.1f} | {ngram / llama:.2f} |"
         lines.append(line)
     for c, b in r["batches"].items():
-        lines.append(f"| grounded, {c} at once (offline) | {b['plain']:.1f} | {b['ngram']:.1f} | "
+        lines.append(f"| grounded, {c} concurrent over HTTP | {b['plain']:.1f} | {b['ngram']:.1f} | "
                      f"{b['ngram'] / b['plain']:.2f} |" + (" | |" if has_llama else ""))
     a = r["acceptance"]
     lines += ["", f"Drafts: {a['spec_proposed_tokens_total']} proposed, {a['spec_accepted_tokens_total']} accepted "

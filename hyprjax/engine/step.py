@@ -19,7 +19,9 @@ are in docs/engine.md.
 
 Both paths run the same model code (`Model.embed_tokens`, `model.run_layer`, `Model.logits`)
 and the same seams, and return the same tuple:
-`(tokens, chosen_logprob, top_ids, top_logprobs, kv_pool, counts, seen)`.
+`(tokens, chosen_logprob, top_ids, top_logprobs, kv_pool, counts, seen)`; a speculative verify
+step (`StepInputs.spec`, engine/speculative.py) adds each group's accepted-draft count before
+the pool.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ _STEP = jax.jit(_step, static_argnums=(0,), static_argnames=("max_logprobs", "sh
 
 
 def fused_step(graphdef, *, max_logprobs: int, shardings=None):
-    """The step callable `(state, cache, counts, seen, inp, sampling, lora) -> 7-tuple` (fused)."""
+    """The step callable `(state, cache, counts, seen, inp, sampling, lora) -> 7-tuple` (fused; 8 for a
+    verify step: the drafts each group accepted come before the pool)."""
     return partial(_STEP, graphdef, max_logprobs=max_logprobs, shardings=shardings)
 
 
@@ -231,7 +234,8 @@ def _programs(graph: LayerwiseGraph, max_logprobs: int, shardings):
 
 
 def layerwise_step(graph: LayerwiseGraph, *, max_logprobs: int, shardings=None):
-    """The step callable `(state, cache, counts, seen, inp, sampling, lora) -> 7-tuple`, run as
+    """The step callable `(state, cache, counts, seen, inp, sampling, lora) -> 7-tuple` (8 for a verify
+    step, as `fused_step`), run as
     embed, one layer program per layer, head (module docstring)."""
     embed, layer, head = _programs(graph, max_logprobs, shardings)
 

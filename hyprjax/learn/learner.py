@@ -38,13 +38,12 @@ import numpy as np
 from ..adapters.lora import MODULES, LoraAdapter
 from ..adapters.peft import read_peft
 from ..adapters.registry import LoraRequest
-from ..adapters.vdb_adapter import base_digest
 from ..config import ModelConfig
 from ..errors import HyprjaxError
 from ..training.lora import from_adapter, init_lora, to_adapter
 from .rounds import LearnOptions, RoundTrainer, example_object
 from .store import Store, Version, trainable
-from .versions import fault, sweep, write_version
+from .versions import fault, lock_database, model_digest, sweep, versions_root, write_version
 
 log = logging.getLogger("hyprjax.learn")
 _VERSIONED = re.compile(r"^(?P<name>.+)@v(?P<version>\d+)$")
@@ -91,7 +90,7 @@ class Learner:
             raise LearnError(f"--learn {bad[0]!r}: a learned adapter's name is letters, digits, '.', '_' and '-' "
                              "(its versions are NAME@vN)")
         self.store = Store(db_path)
-        self._lockfile = _lock(Path(db_path))
+        self._lockfile = lock_database(Path(db_path))
         self.root = versions_root(Path(db_path))
         self.names, self.cfg, self.options = list(dict.fromkeys(names)), cfg, options
         self.learn_every, self.keep = learn_every, keep
@@ -453,42 +452,6 @@ class _Stopped(Exception):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def versions_root(db: Path) -> Path:
-    """Where a learning database's versions live: beside it, named after it (DB.versions/), so two
-    databases in one folder never touch each other's files."""
-    return db.with_name(db.name + ".versions")
-
-
-def _lock(db: Path):
-    """An exclusive lock on DB.lock for this process's life: two servers on one database would
-    number and sweep each other's versions."""
-    import fcntl
-
-    f = open(db.with_name(db.name + ".lock"), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise LearnError(f"--learn-db {db}: another process is using this learning database") from None
-    return f
-
-
-def model_digest(model_path: str, cfg: ModelConfig) -> str:
-    """The base model a database's versions were trained over: the architecture's digest plus a
-    hash of the weight files' names, sizes and first MiB (an instruct and a base model of one
-    architecture differ there). Cheap: no whole file is read."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    p = Path(model_path)
-    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.gguf")) if p.is_dir() else [p]
-    for f in files:
-        if f.is_file():
-            with open(f, "rb") as fh:
-                h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(1 << 20))
-    return f"{base_digest(cfg)}-{h.hexdigest()}"
 
 
 _VERSION_FIELDS = ("steps", "train_loss", "heldout_loss", "parent_heldout_loss", "heldout_accuracy",

@@ -25,7 +25,9 @@ from pathlib import Path
 
 from ..adapters.lora import LoraAdapter
 from ..adapters.peft import write_peft
+from ..adapters.vdb_adapter import base_digest
 from ..config import ModelConfig
+from .store import StoreError
 
 FAULT_VAR = "HYPRJAX_LEARN_FAULT"
 _VERSION = re.compile(r"^v(\d+)$")
@@ -84,3 +86,39 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def versions_root(db: Path) -> Path:
+    """Where a learning database's versions live: beside it, named after it (DB.versions/), so two
+    databases in one folder never touch each other's files."""
+    return db.with_name(db.name + ".versions")
+
+
+def lock_database(db: Path):
+    """An exclusive lock on DB.lock for this process's life: two servers on one database would
+    number and sweep each other's versions."""
+    import fcntl
+
+    f = open(db.with_name(db.name + ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StoreError(f"--learn-db {db}: another process is using this learning database") from None
+    return f
+
+
+def model_digest(model_path: str, cfg: ModelConfig) -> str:
+    """The base model a database's versions were trained over: the architecture's digest plus a
+    hash of the weight files' names, sizes and first MiB (an instruct and a base model of one
+    architecture differ there). Cheap: no whole file is read."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    p = Path(model_path)
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.gguf")) if p.is_dir() else [p]
+    for f in files:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(1 << 20))
+    return f"{base_digest(cfg)}-{h.hexdigest()}"

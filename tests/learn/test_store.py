@@ -157,3 +157,14 @@ def test_a_process_killed_mid_write_leaves_no_visible_version_and_sweep_cleans_u
     removed = sweep(tmp_path, "bot", known={2})
     assert sorted(p.name for p in removed) == sorted(left + ["v3"])
     assert [p.name for p in (tmp_path / "bot").iterdir()] == ["v2"]
+
+
+def test_one_process_at_a_time_uses_a_database_and_versions_sit_beside_it(tmp_path):
+    from hyprjax.learn.versions import lock_database, versions_root
+
+    held = lock_database(tmp_path / "learn.db")
+    with pytest.raises(Exception, match="another process is using this learning database"):
+        lock_database(tmp_path / "learn.db")
+    held.close()
+    lock_database(tmp_path / "learn.db").close()
+    assert versions_root(tmp_path / "a.db") != versions_root(tmp_path / "b.db")
