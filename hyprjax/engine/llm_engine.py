@@ -398,7 +398,8 @@ class LLMEngine:
         for s in plan.decodes:
             seq = s.seq
             room = min(seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-            d = spec.drafts(seq.request_id, seq.all_token_ids, room) if seq.params.speculative else []
+            d = (spec.drafts(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, room)
+                 if seq.params.speculative else [])
             if d and not self.block_manager.can_append(seq, 1 + len(d)):
                 d = []  # no pages for the drafts' K/V: this sequence just decodes
             drafts.append(d)

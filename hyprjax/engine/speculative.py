@@ -62,16 +62,19 @@ class Speculator:
         """Whether a verify step of `num_seqs` groups fits the row budget (and a decode bucket)."""
         return num_seqs * (self.k + 1) <= min(self.max_rows, rows_limit)
 
-    def drafts(self, request_id: str, token_ids: list[int], room: int) -> list[int]:
-        """Up to min(K, room) drafts for the sequence `token_ids` (prompt + output so far)."""
+    def drafts(self, request_id: str, prompt: list[int], output: list[int], room: int) -> list[int]:
+        """Up to min(K, room) drafts for the sequence prompt + output (so far). Only the output
+        tokens the index has not seen are read: nothing is copied per step."""
         if self._paused.get(request_id):
             self._paused[request_id] -= 1
             return []
         index = self._index.get(request_id)
         if index is None:
-            index = self._index[request_id] = self.proposer.index(token_ids)
-        elif len(index) < len(token_ids):
-            index.extend(token_ids[len(index):])
+            index = self._index[request_id] = self.proposer.index(prompt + output)
+        else:
+            seen = len(index) - len(prompt)
+            if seen < len(output):
+                index.extend(output[seen:])
         return index.propose(min(self.k, room)) if room > 0 else []
 
     def forget(self, request_id: str) -> None:

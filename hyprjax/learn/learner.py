@@ -317,8 +317,9 @@ class Learner:
         rng = np.random.default_rng([opts.seed, parent, seen])
         k = min(len(pool), round(opts.replay * len(new)))
         replay = [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))] if k else []
-        train, skipped = self.trainer.examples([_line(f) for f in new + replay])
-        fresh, _ = self.trainer.examples([_line(f) for f in new])
+        fresh, skipped = self.trainer.examples([_line(f) for f in new])
+        replayed, skipped_replay = self.trainer.examples([_line(f) for f in replay])
+        train, skipped = fresh + replayed, skipped + skipped_replay
         held, skipped_held = self.trainer.examples([_line(f) for f in heldout])
         if not train or not held:
             job.outcome, job.reason = "skipped", "; ".join(skipped + skipped_held) or "no usable examples"
