@@ -48,16 +48,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
-    g.add_argument("--speculative", choices=["ngram"], default=None,
+    g.add_argument("--speculative", type=speculative_method, default=None, metavar="ngram|draft:PATH",
                    help="ngram: propose each sequence's next tokens from n-grams of its own prompt and output "
-                        "(prompt lookup) and verify them in one step, exactly (rejection sampling keeps the "
-                        "sampled distribution); pays off on input-grounded text (rewrites, summaries, code edits)")
+                        "(prompt lookup), which pays off on input-grounded text (rewrites, summaries, code "
+                        "edits); draft:PATH: a smaller model sharing the target's tokenizer (a .gguf file or a "
+                        "HF directory) proposes them. The target verifies them in one step, exactly: greedy "
+                        "and seeded requests give the tokens they give without speculation")
     g.add_argument("--num-speculative-tokens", type=positive_int, default=7, metavar="K",
                    help="drafts per sequence and step (default 7)")
     g.add_argument("--ngram-min", type=positive_int, default=2, metavar="N",
                    help="shortest n-gram to match (default 2)")
     g.add_argument("--ngram-max", type=positive_int, default=4, metavar="M",
                    help="longest n-gram to match (default 4)")
+
+
+def speculative_method(text: str) -> str:
+    if text == "ngram" or (text.startswith("draft:") and text[len("draft:"):].strip()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected ngram or draft:PATH (a draft model's .gguf file or "
+                                     "HF directory)")
 
 
 def spec_options(args) -> dict:

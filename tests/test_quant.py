@@ -62,11 +62,12 @@ KEEP_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32-gemm", "bf16x3-gemm"])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 12])
 @pytest.mark.parametrize("kind", ["int8", "int4", *KEEP_TYPES])
 def test_qdot_equals_the_dequantized_matmul(kind, rows, bf16, monkeypatch):
-    """Every format: one row (the fused dequantize-and-dot) and several (the blocked scan; 384
-    rows make 4 blocks of 96 at the patched block size), with the GEMM in float32 or, for
+    """Every format: one row (the fused dequantize-and-dot), a few (for per-channel int8, the
+    int8-terms GEMM) and more (the blocked scan; 384 rows make 4 blocks of 96 at the patched
+    block size), with the GEMM in float32 or, for
     per-channel int8, as three bfloat16 terms (the AMX path; XLA computes bf16 dots on any CPU).
     The reference is float64 numpy over the gguf package's dequantized values (or our numpy
     quantizer's, for int8/int4): equal to float32 rounding."""
@@ -88,6 +89,24 @@ def test_qdot_equals_the_dequantized_matmul(kind, rows, bf16, monkeypatch):
     want = x.astype(np.float64) @ ref.astype(np.float64).T
     got = np.asarray(quant.qdot(jnp.asarray(x), fmt, {k: None if v is None else jnp.asarray(v) for k, v in q.items()}))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_int8_terms_keep_float32_precision_with_outliers_and_differentiate():
+    """The few-rows int8 path splits x into three int8 terms with a scale per row: activations
+    with outliers 60x the rest (as LLM hidden states have) keep float32-level precision, and
+    the gradient is the float product's."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((192, 160)).astype(np.float32)
+    fmt, q = quantize_rows(jnp.asarray(w), "int8")
+    ref = _np_quantize(w, "int8").astype(np.float64)
+    x = rng.standard_normal((quant.INT8_ROWS, 160)).astype(np.float32)
+    x[:, rng.random(160) < 0.03] *= 60
+    want = x.astype(np.float64) @ ref.T
+    got = np.asarray(jax.jit(lambda x: quant.qdot(x, fmt, q))(jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    assert quant.INT8_ROWS * 192 <= quant.INT8_OUTPUTS  # the test ran the int8 path
+    g = np.asarray(jax.grad(lambda x: jnp.sum(quant.qdot(x, fmt, q) ** 2))(jnp.asarray(x)))
+    np.testing.assert_allclose(g, 2 * want @ ref, rtol=0, atol=1e-5 * np.abs(2 * want @ ref).max())
 
 
 def test_int4_packs_two_codes_a_byte_with_a_scale_and_min_per_32():

@@ -38,7 +38,8 @@ class EngineConfig:
     # how loaded adapters are kept on the host: none (floats) | int8 (a scale per rank vector) |
     # int4 (a scale per 128 along it); dequantized into the (float) slots (adapters/quantized.py)
     lora_quantization: str = "none"
-    # speculative decoding (engine/speculative.py): None (off) | "ngram" (prompt lookup); K drafts
+    # speculative decoding (engine/speculative.py): None (off) | "ngram" (prompt lookup) |
+    # "draft:PATH" (a draft model sharing the target's tokenizer, engine/spec_draft.py); K drafts
     # per sequence and step, from n-grams of ngram_min..ngram_max tokens; verify steps run only
     # while the batch's sequences times (K + 1) fit spec_max_rows decode rows (larger batches are
     # compute-bound: there verifying K extra tokens per sequence costs more than it saves)
@@ -75,8 +76,11 @@ class EngineConfig:
         check_lora_quantization(self.lora_quantization)
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
-        if self.speculative not in (None, "ngram"):
-            raise ConfigError(f"speculative={self.speculative!r}: expected 'ngram' (or None: off)")
+        if self.speculative not in (None, "ngram") and not (isinstance(self.speculative, str)
+                                                            and self.speculative.startswith("draft:")
+                                                            and self.speculative[len("draft:"):].strip()):
+            raise ConfigError(f"speculative={self.speculative!r}: expected 'ngram', 'draft:PATH' (a draft model "
+                              "sharing the target's tokenizer) or None (off)")
         for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "spec_max_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -99,17 +103,16 @@ class EngineConfig:
         return out + [self.max_num_seqs]
 
     def spec_buckets(self) -> list[int]:
-        """Decode-row counts of verify steps (engine/speculative.py): powers of two from one group
-        of K + 1 rows up to spec_max_rows, and spec_max_rows. With a power-of-two K + 1 they are
-        decode buckets too, so on CPU only their head program is new."""
+        """Decode-row counts of verify steps (engine/speculative.py): whole groups of K + 1 rows,
+        a power of two of groups, up to spec_max_rows (at least one group). Whole groups because
+        on the XLA path each group attends as one block of K + 1 rows (runner.pack)."""
         if not self.speculative:
             return []
-        k1, out = self.num_speculative_tokens + 1, []
-        n = 1 << (k1 - 1).bit_length()
-        while n < self.spec_max_rows:
-            out.append(n)
-            n *= 2
-        return out + [self.spec_max_rows]
+        k1, out, g = self.num_speculative_tokens + 1, [], 1
+        while not out or g * k1 <= self.spec_max_rows:
+            out.append(g * k1)
+            g *= 2
+        return out
 
     def mixed_decode_buckets(self) -> list[int]:
         """Decode-token counts of steps that also prefill: {8, max_num_seqs} (those that fit).

@@ -31,10 +31,11 @@ from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .memory import kv_pool_pages
+from .memory import kv_pool_pages, page_bytes as kv_page_bytes
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .spec_draft import DraftModel, load_draft
 from .speculative import Speculator
 
 log = logging.getLogger("hyprjax.engine")
@@ -127,7 +128,10 @@ class LLMEngine:
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype = model.compute_dtype  # of the KV pool and adapter slots (weights may be int8)
         dtype_bytes = jnp.dtype(dtype).itemsize
-        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh))
+        draft = load_draft(ecfg, tokenizer, cfg, dtype) if ecfg.speculative and ecfg.speculative != "ngram" else None
+        draft_page = 0 if draft is None else kv_page_bytes(draft.cfg, ecfg.page_size, dtype_bytes)
+        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh),
+                                              extra_page_bytes=draft_page)
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)
         self.block_manager = BlockManager(num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
@@ -152,8 +156,18 @@ class LLMEngine:
                                   slot_parts=reg.parts if reg is not None else None)
         log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
                  ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
-        self.spec = Speculator(ecfg) if ecfg.speculative else None
+        self._draft_len = self.max_model_len  # drafts stop at the draft model's own context
+        spec_draft = None
+        if draft is not None:
+            self._draft_len = min(self.max_model_len, draft.cfg.max_position_embeddings)
+            spec_draft = DraftModel(draft.model, draft.cfg, ecfg, num_pages=num_pages, max_model_len=self._draft_len,
+                                    backend=self.backend, interpret=interpret)
+            log.info("draft model %s: %d layers, its KV pool %.1f MiB", draft.path, draft.cfg.num_layers,
+                     num_pages * draft_page / 2**20)
+        self.spec = Speculator(ecfg, spec_draft) if ecfg.speculative else None
         self.num_compiled = self.runner.warmup(self.max_model_len, progress) if warmup else 0
+        if warmup and spec_draft is not None:
+            self.num_compiled += spec_draft.warmup(progress)
         self._requests: dict[str, _Request] = {}
         self.dead_reason: str | None = None  # set once a failed step could not be recovered from
         self.prompt_tokens_total = 0
@@ -394,21 +408,26 @@ class LLMEngine:
             return None
         if not spec.fits(len(plan.decodes), self.runner.spec_bucket(len(plan.decodes) * (spec.k + 1)) or 0):
             return None
-        drafts = []
-        for s in plan.decodes:
+        drafts: list[list[int]] = [[] for _ in plan.decodes]
+        asks = []  # (index, sequence, k): the draft model's work, once pages for its drafts are held
+        for i, s in enumerate(plan.decodes):
             seq = s.seq
-            room = min(seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-            d = (spec.drafts(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, room)
-                 if seq.params.speculative else [])
-            if d and not self.block_manager.can_append(seq, 1 + len(d)):
-                d = []  # no pages for the drafts' K/V: this sequence just decodes
-            drafts.append(d)
-        if not any(drafts):
-            return None
-        for s, d in zip(plan.decodes, drafts):
-            if d:
-                self.block_manager.append(s.seq, 1 + len(d))
-        return drafts
+            room = min(seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1,
+                       self._draft_len - seq.num_tokens - 1)
+            k = spec.wanted(seq.request_id, room) if seq.params.speculative else 0
+            if k and spec.draft is None:
+                k = len(d := spec.drafts(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, k))
+            if not k or not self.block_manager.can_append(seq, 1 + k):
+                continue  # no drafts, or no pages for their K/V: this sequence just decodes
+            self.block_manager.append(seq, 1 + k)
+            if spec.draft is None:
+                drafts[i] = d
+            else:
+                asks.append((i, seq, k))
+        if asks:
+            for (i, _, _), d in zip(asks, spec.draft.propose([(seq, k) for _, seq, k in asks])):
+                drafts[i] = d
+        return drafts if any(drafts) else None
 
     def _verify_step(self, plan, drafts: list[list[int]]) -> list[RequestOutput]:
         """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token."""
@@ -462,26 +481,34 @@ class LLMEngine:
             return EngineDeadError(self.dead_reason)
         return StepFailedError(request_ids, cause, outputs)
 
-    def _kv_lost(self) -> bool:
-        """Is the KV pool or a penalty table deleted (donated to the failed step) or poisoned (the
-        failed computation's output, which raises when read)?"""
-        if self.runner.state_lost():
+    @staticmethod
+    def _kv_lost(runner) -> bool:
+        """Is `runner`'s KV pool or a penalty table deleted (donated to the failed step) or
+        poisoned (the failed computation's output, which raises when read)?"""
+        if runner.state_lost():
             return True
         try:
-            jax.block_until_ready((self.runner.cache, self.runner.counts, self.runner.seen))
+            jax.block_until_ready((runner.cache, runner.counts, runner.seen))
         except Exception:
             return True
         return False
 
     def _rebuild_lost_state(self) -> None:
+        draft = self.spec.draft if self.spec is not None else None
+        if draft is not None and self._kv_lost(draft.runner):  # a failed draft step: only drafts are lost
+            draft.runner.reset_state()
+            draft.forget()
+            log.warning("draft model KV pool rebuilt after a failed step")
         if self.lora is not None and self.lora.tables_lost():
             self.lora.reset_tables()
             log.warning("LoRA slot tables rebuilt after a failed step")
-        if not self._kv_lost():
+        if not self._kv_lost(self.runner):
             return
         requeued = self.scheduler.requeue_running()  # their K/V is gone: recompute them from their tokens
         self.block_manager.reset()  # no page holds valid K/V now, cached prefixes included
         self.runner.reset_state()
+        if draft is not None:  # the draft's K/V lived in the same pages
+            draft.forget()
         for req in self._requests.values():
             req.admitted = (None, -1)  # penalty rows are zeros again: refill them on (re)admission
         log.warning("KV pool rebuilt after a failed step; %d running requests will be recomputed", len(requeued))

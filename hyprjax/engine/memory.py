@@ -98,7 +98,8 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int:
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
 
-def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_shards: int = 1) -> tuple[int, int]:
+def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_shards: int = 1,
+                  extra_page_bytes: int = 0) -> tuple[int, int]:
     """(num_pages, page_bytes) of the KV pool: `ecfg.num_pages` when set, else as many pages as
     fit `ecfg.kv_cache_memory` (bytes, or a fraction of `device`'s free memory now; None is the
     platform default). ConfigError if the budget holds fewer than two pages.
@@ -107,8 +108,11 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_s
     the budget is per device, as vLLM's is, and a device holds 1/kv_shards of every page, so the
     pool gets kv_shards times the pages. On CPU every device lives in the same host memory, so
     the budget is for the whole pool whatever the mesh.
+
+    `extra_page_bytes`: what each page costs besides (a draft model's pool, addressed by the
+    same page ids: engine/spec_draft.py), so both pools share the budget.
     """
-    per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes)
+    per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes) + extra_page_bytes
     if ecfg.num_pages is not None:
         return ecfg.num_pages, per_page
     device = device or jax.local_devices()[0]

@@ -8,7 +8,8 @@ The model (hyprjax/model.py) knows no step layout; the runner hands it
     kernels/sparse.py for sparse adapters).
 
 A step's T tokens are laid out as [Td decode tokens | Tp prefill tokens]; prefill tokens come in
-query blocks of `block_q` rows, each block of one sequence.
+query blocks of `block_q` rows, each block of one sequence, and decode tokens in blocks of
+`dec_block_q` rows (1, or a verify group's K + 1).
 
 Under tensor parallelism (`meta.sharding`, hyprjax/sharding.py) the XLA path needs nothing here:
 GSPMD partitions it from its inputs' shardings. A Pallas kernel is opaque to GSPMD, so with
@@ -60,7 +61,7 @@ class PagedMeta:
     """Where a flattened step's tokens go in the paged pool and whom they attend to."""
 
     slot_mapping: jax.Array  # i32[T] pool slot (page * page_size + offset) of each token; -1 = padding
-    dec_block_seq: jax.Array  # i32[Td] page_table row of each decode token; -1 = padding
+    dec_block_seq: jax.Array  # i32[Td // dec_block_q] page_table row of each decode block; -1 = padding
     pf_block_seq: jax.Array  # i32[Tp // block_q] page_table row of each prefill block; -1 = padding
     page_table: jax.Array  # i32[R, max_pages]
     context_lens: jax.Array  # i32[R] tokens in the cache per row, this step's included
@@ -68,10 +69,13 @@ class PagedMeta:
     backend: str = field(default="xla", metadata=dict(static=True))  # "xla" | "pallas"
     interpret: bool = field(default=False, metadata=dict(static=True))
     sharding: Any = field(default=None, metadata=dict(static=True))  # sharding.KernelSharding: Pallas under shard_map
+    # Decode rows per attention block: 1, or K + 1 in a verify step on the XLA path, where a
+    # sequence's last token and its K drafts attend as one causal block (runner.pack says why).
+    dec_block_q: int = field(default=1, metadata=dict(static=True))
 
     @property
     def num_decode(self) -> int:
-        return self.dec_block_seq.shape[0]
+        return self.dec_block_seq.shape[0] * self.dec_block_q
 
 
 def write_pages(pool: KVPool, layer, k, v, slot_mapping) -> KVPool:
@@ -116,7 +120,7 @@ class PagedAttention:
 
         parts = []
         if td:
-            out, pool = run(q[:td], pool, meta.dec_block_seq, positions[:td], 1)
+            out, pool = run(q[:td], pool, meta.dec_block_seq, positions[:td], meta.dec_block_q)
             parts.append(out)
         if q.shape[0] > td:
             out, pool = run(q[td:], pool, meta.pf_block_seq, positions[td:], meta.block_q)

@@ -276,17 +276,27 @@ class ModelRunner:
                     pf_pairs.setdefault(part, []).extend((slot, at - td + k * bq, w) for k in range(blocks))
             at += blocks * bq
         want_lp = any(r.wants_logprobs and r.samples for r in real + prefills)
-        spec_inputs = None
+        spec_inputs, dec_block_q = None, 1
         if spec is not None:
             k1, num_drafts = spec
             groups = np.zeros(td // k1, np.int32)
             groups[:len(num_drafts)] = num_drafts
             spec_inputs = SpecInputs(jax.device_put(groups), group=k1)
+            if self.backend == "xla":
+                # A group attends as one causal block of K + 1 rows through its last real row's
+                # page-table row (its whole context; each row's position masks what it sees): the
+                # sequence's pages are gathered once per layer instead of once per row, which on
+                # CPU made 8 rows' attention 2.4x cheaper (docs/speculative.md). The Pallas
+                # kernels keep one row per block.
+                dec_block_q = k1
+                dec_seq = np.array([g * k1 + n for g, n in enumerate(num_drafts)]
+                                   + [-1] * (td // k1 - len(num_drafts)), np.int32)
         # device_put, not jnp.asarray: in JAX 0.10 the latter stages numpy arrays through a
         # per-shape jit, which would compile during serving.
         put = jax.device_put
         meta = PagedMeta(put(slots), put(dec_seq), put(pf_seq), put(table), put(ctx), block_q=bq,
-                         backend=self.backend, interpret=self.interpret, sharding=self._kernel_sharding)
+                         backend=self.backend, interpret=self.interpret, sharding=self._kernel_sharding,
+                         dec_block_q=dec_block_q)
         inp = StepInputs(put(tokens), put(positions), meta, put(logit_index), put(row_slot), put(row_step),
                          put(active), put(np.asarray(want_lp)), spec_inputs)
         order = list(range(len(decodes))) + [td + j for j in range(len(prefills))]
@@ -347,7 +357,7 @@ class ModelRunner:
         if self.lora_tables is not None:
             combos += [(d, p, True) for d in self._lora_decode_buckets for p in self._lora_prefill_buckets if d or p]
         k1 = self.ecfg.num_speculative_tokens + 1 if self.ecfg.speculative else 0
-        if k1:  # verify steps (on CPU, where a bucket is also a decode bucket, only its head program is new)
+        if k1:  # verify steps (their decode rows attend in groups of K + 1 on the XLA path: pack)
             combos += [(d, 0, ("spec", False)) for d in self._spec_buckets]
             if self.lora_tables is not None:
                 combos += [(d, 0, ("spec", True)) for d in self._spec_buckets]
@@ -359,6 +369,9 @@ class ModelRunner:
             inp = self._padding_inputs(d, p)
             if spec:
                 inp = replace(inp, spec=SpecInputs(jnp.zeros((d // k1,), jnp.int32), group=k1))
+                if self.backend == "xla":  # grouped verify attention (pack)
+                    inp = replace(inp, meta=replace(inp.meta, dec_block_seq=jnp.full((d // k1,), -1, jnp.int32),
+                                                    dec_block_q=k1))
             lora = self._lora_step(d, p, {}, {}) if with_lora else None
             out = self._step(self.state, self.cache, self.counts, self.seen, inp,
                              SamplingArrays.from_rows([_GREEDY] * inp.row_slot.shape[0],

@@ -1,12 +1,13 @@
 """Speculative decoding in the paged engine: which steps verify, which drafts, what was accepted.
 
 A verify step is a decode-only step in which every running sequence feeds its last token and
-up to K drafts, one decode row per position (runner.run_spec): row j attends to the pool up to
-its own position, and the K/V of the rows before it were written by the same layer call before
-attention reads them, so the rows see exactly the causal prefix a one-token step would. The
-head verifies each group on the device (spec_verify.verify: exact rejection sampling, with
-penalties and filters applied as the plain sampler applies them) and emits the accepted drafts
-plus one token.
+up to K drafts, K + 1 decode rows (runner.run_spec). On the XLA path the rows of a group attend
+as one causal block (each row masked to its own position; the sequence's pages are gathered once
+per layer), with the Pallas kernels as one block per row; either way the K/V of the rows before
+row j were written by the same layer call before attention reads them, so row j sees exactly
+the causal prefix a one-token step would. The head verifies each group on the device
+(spec_verify.verify: exact, with penalties and filters applied as the plain sampler applies
+them) and emits the accepted drafts plus one token.
 
 Rollback needs no device work. A sequence's computed length advances by 1 + accepted, so K/V
 written for rejected drafts lie past it: attention never reads them (it stops at each row's
@@ -24,12 +25,16 @@ When it runs (and so adapts to load):
 - per sequence, while its drafts pay: an exponential average of the fraction of its drafts
   accepted (weight 1/2 per verify step) that falls below `PAUSE_BELOW` pauses its proposals for
   `PAUSE_STEPS` steps, after which it tries again from an even start. Measured on the default
-  model on CPU (bench/spec.py): a K = 7 verify step costs about 3 plain steps, so drafts that
-  are mostly rejected (code the model rewrites rather than copies) made a prompt 0.83x of plain
+  model on CPU (bench/spec.py), before verify groups attended as one block and few-row int8
+  products ran as integer GEMMs: a K = 7 verify step cost about 3 plain steps, and drafts that
+  were mostly rejected (code the model rewrites rather than copies) made a prompt 0.83x of plain
   decode before this rule.
 
-Proposers: n-gram prompt lookup (spec_propose.py). Its index lives per request and grows with
-the request's tokens; it survives preemption (it depends on tokens only).
+Proposers:
+- n-gram prompt lookup (spec_propose.py). Its index lives per request and grows with the
+  request's tokens; it survives preemption (it depends on tokens only).
+- a draft model (spec_draft.py): greedy drafts from a smaller model that shares the target's
+  tokenizer, with its own KV pool addressed by the target's page ids.
 """
 
 from __future__ import annotations
@@ -43,12 +48,13 @@ PAUSE_STEPS = 16  # steps a sequence then decodes without drafts
 
 
 class Speculator:
-    """Drafts and counters for one engine."""
+    """Drafts and counters for one engine: n-gram lookup, or a draft model (spec_draft.py)."""
 
-    def __init__(self, ecfg: EngineConfig):
-        self.method = ecfg.speculative
+    def __init__(self, ecfg: EngineConfig, draft=None):
+        self.method = "draft" if draft is not None else ecfg.speculative
         self.k = ecfg.num_speculative_tokens
         self.max_rows = ecfg.spec_max_rows
+        self.draft = draft  # spec_draft.DraftModel, or None
         self.proposer = NgramProposer(ecfg.ngram_min, ecfg.ngram_max, self.k)
         self._index: dict[str, NgramIndex] = {}
         self._rate: dict[str, float] = {}  # request -> average fraction of its drafts accepted
@@ -62,12 +68,17 @@ class Speculator:
         """Whether a verify step of `num_seqs` groups fits the row budget (and a decode bucket)."""
         return num_seqs * (self.k + 1) <= min(self.max_rows, rows_limit)
 
-    def drafts(self, request_id: str, prompt: list[int], output: list[int], room: int) -> list[int]:
-        """Up to min(K, room) drafts for the sequence prompt + output (so far). Only the output
-        tokens the index has not seen are read: nothing is copied per step."""
+    def wanted(self, request_id: str, room: int) -> int:
+        """How many drafts to ask for this step: min(K, room), or 0 while the request is paused.
+        The draft model needs pages for them before it runs; n-gram lookup is asked first."""
         if self._paused.get(request_id):
             self._paused[request_id] -= 1
-            return []
+            return 0
+        return max(0, min(self.k, room))
+
+    def drafts(self, request_id: str, prompt: list[int], output: list[int], room: int) -> list[int]:
+        """Up to `room` n-gram drafts for the sequence prompt + output (so far). Only the output
+        tokens the index has not seen are read: nothing is copied per step."""
         index = self._index.get(request_id)
         if index is None:
             index = self._index[request_id] = self.proposer.index(prompt + output)
@@ -75,13 +86,17 @@ class Speculator:
             seen = len(index) - len(prompt)
             if seen < len(output):
                 index.extend(output[seen:])
-        return index.propose(min(self.k, room)) if room > 0 else []
+        return index.propose(room) if room > 0 else []
 
     def forget(self, request_id: str) -> None:
         for table in (self._index, self._rate, self._paused):
             table.pop(request_id, None)
+        if self.draft is not None:
+            self.draft.forget(request_id)
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
+        if self.draft is not None:
+            self.draft.accepted(request_id, accepted)
         self.proposed_total += proposed
         self.accepted_total += accepted
         if not proposed:
@@ -93,6 +108,7 @@ class Speculator:
         self._rate[request_id] = rate
 
     def stats(self) -> dict:
-        return {"spec_method": self.method, "spec_proposed_tokens_total": self.proposed_total,
+        draft = {} if self.draft is None else {"spec_draft_steps_total": self.draft.steps_total}
+        return {"spec_method": self.method, "spec_proposed_tokens_total": self.proposed_total, **draft,
                 "spec_accepted_tokens_total": self.accepted_total, "spec_verify_steps_total": self.steps_total,
                 "spec_acceptance_lengths": list(self.acceptance)}
