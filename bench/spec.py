@@ -9,7 +9,8 @@ engines over one process's weights), and llama.cpp (llama-cpp-python, built for 
 the same token ids. Decode speed is (tokens - 1) / (time - time to the first token), each
 prompt's median over `--repeats`. Concurrency 8 and 32: `hyprjax serve` with and without
 `--speculative ngram`, 2 x C streamed requests of the input-grounded prompts at C in flight
-(bench/loadgen.py, after a warm-up round). Writes OUT.json, OUT.md and OUT.png.
+(bench/loadgen.py, after a warm-up round). `--draft PATH` adds `--speculative draft:PATH` at
+batch 1. Writes OUT.json, OUT.md and OUT.png.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=7, help="--num-speculative-tokens")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--draft", default=None, metavar="PATH",
+                    help="also run --speculative draft:PATH at batch 1 (a draft model sharing the tokenizer)")
     ap.add_argument("--out", default=str(HERE / "results" / "spec"))
     args = ap.parse_args()
 
@@ -57,6 +60,10 @@ def main() -> int:
     say(f"model {path}")
     plain = LLM(path, progress=False)
     spec = LLM(path, progress=False, speculative="ngram", num_speculative_tokens=args.k)
+    engines = [("plain", plain), ("ngram", spec)]
+    if args.draft:
+        engines.append(("draft", LLM(path, progress=False, speculative=f"draft:{args.draft}",
+                                     num_speculative_tokens=args.k)))
     ids = {kind: [plain.tokenizer.encode(plain.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
                   for p in prompts] for kind, prompts in (("grounded", GROUNDED), ("open", OPEN))}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -65,7 +72,7 @@ def main() -> int:
     for kind, prompts in ids.items():
         for i, p in enumerate(prompts):
             row = {"kind": kind, "prompt": i}
-            for name, llm in (("plain", plain), ("ngram", spec)):
+            for name, llm in engines:
                 llm.generate([p], params)  # compile what this prompt meets
                 times, ttft = [], []
                 for _ in range(args.repeats):
@@ -78,7 +85,7 @@ def main() -> int:
                 n = len(out.token_ids)
                 row[name] = (n - 1) / max(statistics.median(times) - statistics.median(ttft), 1e-9)
                 row[f"{name}_tokens"] = out.token_ids
-            row["same_tokens"] = row["plain_tokens"] == row["ngram_tokens"]
+            row["same_tokens"] = all(row[f"{n}_tokens"] == row["plain_tokens"] for n, _ in engines)
             if not args.no_llamacpp:
                 from bench.llamacpp import run_llamacpp
                 r = run_llamacpp(path, prompt_tokens=p, n_gen=max(len(row["plain_tokens"]), 2), repeats=args.repeats)
@@ -86,9 +93,10 @@ def main() -> int:
             rows.append(row)
             say(f"{kind} {i}: plain {row['plain']:.1f} tok/s, ngram {row['ngram']:.1f}"
                 + (f", llama.cpp {row['llamacpp']:.1f}" if "llamacpp" in row else "")
-                + f", same tokens: {row['same_tokens']}")
+                + (f", draft {row['draft']:.1f}" if "draft" in row else "") + f", same tokens: {row['same_tokens']}")
     stats = spec.engine().stats()
-    del plain, spec  # the servers below load their own copies
+    draft_stats = engines[2][1].engine().stats() if args.draft else None
+    del plain, spec, engines  # the servers below load their own copies
     batches = {}
     for c in (8, 32):
         for name, flags in (("plain", ""), ("ngram", f"--speculative ngram --num-speculative-tokens {args.k}")):
@@ -97,6 +105,9 @@ def main() -> int:
     result = {"model": path, "max_tokens": args.max_tokens, "k": args.k, "rows": [
         {k: v for k, v in r.items() if not k.endswith("_tokens")} for r in rows], "batches": batches,
         "acceptance": {k: v for k, v in stats.items() if k.startswith("spec_")}}
+    if draft_stats is not None:
+        result["draft"] = args.draft
+        result["draft_acceptance"] = {k: v for k, v in draft_stats.items() if k.startswith("spec_")}
     write(Path(args.out), result)
     return 0
 
@@ -136,6 +147,9 @@ def write(out: Path, r: dict) -> None:
         rs = [x for x in r["rows"] if x["kind"] == kind]
         plain, ngram = (statistics.mean(x[k] for x in rs) for k in ("plain", "ngram"))
         line = f"| {kind} (batch 1, mean of {len(rs)}) | {plain:.1f} | {ngram:.1f} | {ngram / plain:.2f} |"
+        if "draft" in rs[0]:
+            draft = statistics.mean(x["draft"] for x in rs)
+            line += f" draft model: {draft:.1f} tok/s, {draft / plain:.2f}x |"
         if has_llama:
             llama = statistics.mean(x["llamacpp"] for x in rs)
             line += f" {llama:.1f} | {ngram / llama:.2f} |"
@@ -147,6 +161,10 @@ def write(out: Path, r: dict) -> None:
     lines += ["", f"Drafts: {a['spec_proposed_tokens_total']} proposed, {a['spec_accepted_tokens_total']} accepted "
               f"({a['spec_accepted_tokens_total'] / max(a['spec_proposed_tokens_total'], 1):.0%}); accepted per "
               f"verified sequence and step (0..K): {a['spec_acceptance_lengths']}."]
+    if "draft_acceptance" in r:
+        d = r["draft_acceptance"]
+        lines.append(f"Draft model {r['draft']}: {d['spec_proposed_tokens_total']} proposed, "
+                     f"{d['spec_accepted_tokens_total']} accepted, {d['spec_draft_steps_total']} draft steps.")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -104,7 +104,7 @@ def qdot(x, fmt: QFormat, q: dict) -> jax.Array:
         else:
             y = _materialized(x2) @ dequantize(fmt, q).T
         return y.reshape(*lead, dout)
-    if per_channel and rows <= INT8_ROWS and rows * dout <= INT8_OUTPUTS:
+    if per_channel and 1 < rows <= INT8_ROWS and rows * dout <= INT8_OUTPUTS:
         return _int8_dot(x2, q).reshape(*lead, dout)
     blk = _block_rows(dout, din)
     nb = dout // blk
@@ -134,7 +134,9 @@ def _accelerator_qdot(x2, fmt: QFormat, q: dict):
 
 
 SPLIT_TERMS = 3
-INT8_ROWS = 8  # a few rows (batched decode, verify steps) of a per-channel int8 matrix: `_int8_dot`
+# a few rows (batched decode, verify steps) of a per-channel int8 matrix: `_int8_dot`;
+# HYPRJAX_INT8_ROWS=0 turns it off (to measure side by side)
+INT8_ROWS = int(os.environ.get("HYPRJAX_INT8_ROWS", "8"))
 INT8_OUTPUTS = 1 << 17  # ... while rows * dout stays under this (measured crossover, `_int8_dot`)
 
 
