@@ -9,7 +9,8 @@ engines over one process's weights), and llama.cpp (llama-cpp-python, built for 
 the same token ids. Decode speed is (tokens - 1) / (time - time to the first token), each
 prompt's median over `--repeats`. Concurrency 8 and 32: `hyprjax serve` with and without
 `--speculative ngram`, 2 x C streamed requests of the input-grounded prompts at C in flight
-(bench/loadgen.py, after a warm-up round). `--draft PATH` adds `--speculative draft:PATH` at
+(bench/loadgen.py, after a warm-up round), each server twice in the order plain, ngram, ngram,
+plain, the mean of its two runs reported. `--draft PATH` adds `--speculative draft:PATH` at
 batch 1. Writes OUT.json, OUT.md and OUT.png.
 """
 
@@ -98,10 +99,14 @@ def main() -> int:
     draft_stats = engines[2][1].engine().stats() if args.draft else None
     del plain, spec, engines  # the servers below load their own copies
     batches = {}
-    for c in (8, 32):
-        for name, flags in (("plain", ""), ("ngram", f"--speculative ngram --num-speculative-tokens {args.k}")):
-            batches.setdefault(c, {})[name] = http_tok_s(path, flags, c, ids["grounded"], args.max_tokens)
-        say(f"concurrency {c} over HTTP: plain {batches[c]['plain']:.1f} tok/s, ngram {batches[c]['ngram']:.1f}")
+    flags = {"plain": "", "ngram": f"--speculative ngram --num-speculative-tokens {args.k}"}
+    for c in (8, 32):  # ABBA: plain, ngram, ngram, plain, so drift over the run cancels
+        runs = {"plain": [], "ngram": []}
+        for name in ("plain", "ngram", "ngram", "plain"):
+            runs[name].append(http_tok_s(path, flags[name], c, ids["grounded"], args.max_tokens))
+        batches[c] = {name: statistics.mean(v) for name, v in runs.items()}
+        batches[c]["runs"] = runs
+        say(f"concurrency {c} over HTTP: plain {runs['plain']} tok/s, ngram {runs['ngram']}")
     result = {"model": path, "max_tokens": args.max_tokens, "k": args.k, "rows": [
         {k: v for k, v in r.items() if not k.endswith("_tokens")} for r in rows], "batches": batches,
         "acceptance": {k: v for k, v in stats.items() if k.startswith("spec_")}}
@@ -155,7 +160,7 @@ def write(out: Path, r: dict) -> None:
             line += f" {llama:.1f} | {ngram / llama:.2f} |"
         lines.append(line)
     for c, b in r["batches"].items():
-        lines.append(f"| grounded, {c} concurrent over HTTP | {b['plain']:.1f} | {b['ngram']:.1f} | "
+        lines.append(f"| grounded, {c} concurrent over HTTP (mean of 2) | {b['plain']:.1f} | {b['ngram']:.1f} | "
                      f"{b['ngram'] / b['plain']:.2f} |" + (" | |" if has_llama else ""))
     a = r["acceptance"]
     lines += ["", f"Drafts: {a['spec_proposed_tokens_total']} proposed, {a['spec_accepted_tokens_total']} accepted "
