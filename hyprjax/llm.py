@@ -47,7 +47,9 @@ class LLM:
     dequantized into their device slot; "none" (the default) keeps them as floats.
     `speculative="ngram"` turns on speculative decoding with prompt-lookup drafts
     (`num_speculative_tokens` per step, n-grams of `ngram_min`..`ngram_max` tokens;
-    hyprjax/engine/speculative.py): the same tokens for greedy and seeded requests, sooner.
+    hyprjax/engine/speculative.py), `speculative="draft:PATH"` with a smaller draft model that
+    shares this model's tokenizer (engine/spec_draft.py): the same tokens for greedy and seeded
+    requests, sooner.
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str = "auto", max_model_len: int | None = None,

@@ -165,7 +165,7 @@ def _int8_forward(x, codes, scale):
     terms, scales, rest = [], [], x
     for _ in range(SPLIT_TERMS):
         s = jnp.max(jnp.abs(rest), axis=1, keepdims=True) / 127.0
-        s = jnp.where(s > 0, s, 1.0)
+        s = jnp.where(s == 0, 1.0, s)  # an all-zero row; a NaN row keeps its NaN scale
         t = jnp.round(rest / s)
         terms.append(t.astype(jnp.int8))
         scales.append(s)

@@ -91,21 +91,30 @@ def test_qdot_equals_the_dequantized_matmul(kind, rows, bf16, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
-def test_int8_terms_keep_float32_precision_with_outliers_and_differentiate():
+def test_int8_terms_keep_float32_precision_with_outliers_and_differentiate(monkeypatch):
     """The few-rows int8 path splits x into three int8 terms with a scale per row: activations
-    with outliers 60x the rest (as LLM hidden states have) keep float32-level precision, and
-    the gradient is the float product's."""
+    with outliers 60x the rest (as LLM hidden states have) keep float32-level precision, an
+    all-zero row gives zeros and a NaN row NaN, and the gradient is the float product's."""
+    calls = []
+    monkeypatch.setattr(quant, "INT8_ROWS", 8)
+    monkeypatch.setattr(quant, "_int8_dot", lambda x, q, f=quant._int8_dot: calls.append(x.shape) or f(x, q))
     rng = np.random.default_rng(4)
     w = rng.standard_normal((192, 160)).astype(np.float32)
     fmt, q = quantize_rows(jnp.asarray(w), "int8")
     ref = _np_quantize(w, "int8").astype(np.float64)
-    x = rng.standard_normal((quant.INT8_ROWS, 160)).astype(np.float32)
+    x = rng.standard_normal((4, 160)).astype(np.float32)
     x[:, rng.random(160) < 0.03] *= 60
+    x[2] = 0
     want = x.astype(np.float64) @ ref.T
     got = np.asarray(jax.jit(lambda x: quant.qdot(x, fmt, q))(jnp.asarray(x)))
+    assert calls, "qdot did not take the int8-terms path"
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
-    assert quant.INT8_ROWS * 192 <= quant.INT8_OUTPUTS  # the test ran the int8 path
+    assert not got[2].any()
+    x[1, 7] = np.nan
+    assert np.isnan(np.asarray(quant.qdot(jnp.asarray(x), fmt, q))[1]).all()
+    x[1, 7] = 0
     g = np.asarray(jax.grad(lambda x: jnp.sum(quant.qdot(x, fmt, q) ** 2))(jnp.asarray(x)))
+    want = x.astype(np.float64) @ ref.T
     np.testing.assert_allclose(g, 2 * want @ ref, rtol=0, atol=1e-5 * np.abs(2 * want @ ref).max())
 
 

@@ -104,7 +104,8 @@ class EngineConfig:
 
     def spec_buckets(self) -> list[int]:
         """Decode-row counts of verify steps (engine/speculative.py): whole groups of K + 1 rows,
-        a power of two of groups, up to spec_max_rows (at least one group). Whole groups because
+        a power of two of groups, up to spec_max_rows (at least one group), and as many groups as
+        fit spec_max_rows. Whole groups because
         on the XLA path each group attends as one block of K + 1 rows (runner.pack)."""
         if not self.speculative:
             return []
@@ -112,7 +113,8 @@ class EngineConfig:
         while not out or g * k1 <= self.spec_max_rows:
             out.append(g * k1)
             g *= 2
-        return out
+        most = self.spec_max_rows // k1 * k1  # as many whole groups as fit (K = 2: 15 rows, not 12)
+        return out + [most] if most > out[-1] else out
 
     def mixed_decode_buckets(self) -> list[int]:
         """Decode-token counts of steps that also prefill: {8, max_num_seqs} (those that fit).

@@ -154,8 +154,9 @@ class LLMEngine:
                                   lora_tables=(lambda: reg.tables) if reg is not None else None,
                                   sparse_tables=(lambda: reg.sparse_tables) if reg is not None else None,
                                   slot_parts=reg.parts if reg is not None else None)
-        log.info("KV pool: %d pages of %d tokens (%.1f MiB); context %d tokens per request", num_pages,
-                 ecfg.page_size, num_pages * page_bytes / 2**20, self.max_model_len)
+        log.info("KV pool: %d pages of %d tokens (%.1f MiB%s); context %d tokens per request", num_pages,
+                 ecfg.page_size, num_pages * page_bytes / 2**20, ", the draft model's included" if draft else "",
+                 self.max_model_len)
         self._draft_len = self.max_model_len  # drafts stop at the draft model's own context
         spec_draft = None
         if draft is not None:

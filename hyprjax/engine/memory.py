@@ -110,12 +110,14 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_s
     the budget is for the whole pool whatever the mesh.
 
     `extra_page_bytes`: what each page costs besides (a draft model's pool, addressed by the
-    same page ids: engine/spec_draft.py), so both pools share the budget.
+    same page ids: engine/spec_draft.py), so both pools share the budget. That pool is not
+    sharded: under tensor parallelism one device holds all of it.
     """
     per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes) + extra_page_bytes
     if ecfg.num_pages is not None:
         return ecfg.num_pages, per_page
     device = device or jax.local_devices()[0]
+    shards = 1 if device.platform == "cpu" else max(1, kv_shards)
     budget = ecfg.kv_cache_memory
     if budget is None:
         budget = default_kv_memory(device.platform)
@@ -124,8 +126,8 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_s
         log.info("KV budget: %.2f of %.1f MiB free on %s = %.1f MiB", budget, free / 2**20, device.platform,
                  budget * free / 2**20)
         budget = int(budget * free)
-    shards = 1 if device.platform == "cpu" else max(1, kv_shards)
-    num_pages = budget * shards // per_page
+    # Per device: a page's target bytes are split over the shards, the extra (unsharded) are not.
+    num_pages = budget * shards // (per_page + extra_page_bytes * (shards - 1))
     if num_pages < 2:
         raise ConfigError(f"a KV budget of {budget} bytes holds {num_pages} of the 2 pages the pool needs at least "
                           f"({ecfg.page_size} tokens, {per_page} bytes each): give kv_cache_memory >= "

@@ -167,6 +167,26 @@ def test_tensor_parallel_pages_follow_the_kv_split(monkeypatch):
     assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu"), kv_shards=4) == (100, 16384)
 
 
+def test_a_draft_models_pool_shares_the_budget():
+    """A draft model's pool (engine/spec_draft.py) costs `extra_page_bytes` per page and is not
+    sharded: with a draft page a quarter of the target's, a CPU budget of 100 target pages holds
+    80; on a 4-way GPU mesh a device holds a quarter of each target page and all of each draft
+    page, so 4 x 100 / (1 + 1) = 200 pages fill its budget exactly."""
+    ecfg = EngineConfig(kv_cache_memory=100 * 16384)
+    assert kv_pool_pages(TINY, ecfg, 4, device=FakeDevice("cpu"), extra_page_bytes=4096) == (80, 16384 + 4096)
+    gpu = FakeDevice("gpu", {"bytes_limit": 10**9, "bytes_in_use": 0})
+    pages, _ = kv_pool_pages(TINY, ecfg, 4, device=gpu, kv_shards=4, extra_page_bytes=4096)
+    assert pages == 200 and pages * (16384 // 4 + 4096) == 100 * 16384
+
+
+def test_spec_buckets_hold_whole_groups_up_to_the_row_limit():
+    assert EngineConfig(speculative="ngram", num_speculative_tokens=7).spec_buckets() == [8, 16]
+    assert EngineConfig(speculative="ngram", num_speculative_tokens=2).spec_buckets() == [3, 6, 12, 15]
+    assert EngineConfig(speculative="ngram", num_speculative_tokens=4).spec_buckets() == [5, 10, 15]
+    assert EngineConfig(speculative="ngram", num_speculative_tokens=15).spec_buckets() == [16]
+    assert EngineConfig().spec_buckets() == []
+
+
 def test_kv_shards_is_the_mesh_size_only_when_kv_heads_divide():
     """Only the mesh's axis sizes matter here, so a stand-in mesh of 2 or 4 "devices" will do."""
     import dataclasses
