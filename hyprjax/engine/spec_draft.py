@@ -47,7 +47,7 @@ def check_same_tokenizer(target, draft, target_vocab: int, draft_vocab: int, pat
     if target is None or draft is None:
         same = target_vocab == draft_vocab
     else:
-        same = len(target) == len(draft) and all(target.encode(t, add_special_tokens=False)
+        same = target.vocab_size == draft.vocab_size and all(target.encode(t, add_special_tokens=False)
                                                  == draft.encode(t, add_special_tokens=False) for t in _PROBES)
     if not same:
         raise HyprjaxError(f"draft model {path}: its tokenizer differs from the target model's; a draft model must "

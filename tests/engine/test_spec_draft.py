@@ -162,3 +162,25 @@ def test_a_draft_with_another_tokenizer_is_refused(models, tmp_path):
         _engine(lm, num_pages=64, speculative=f"draft:{tmp_path / 'other'}")
     with pytest.raises(HyprjaxError, match="no such file"):
         _engine(lm, num_pages=64, speculative=f"draft:{tmp_path / 'nowhere'}")
+
+
+def test_tokenizers_are_compared_by_their_vocabulary_and_encodings(tmp_path):
+    """Real tokenizers: the same one passes; one with other merges (same size) or another size
+    is refused, naming the draft."""
+    from bench.make_model import build_tokenizer
+    from hyprjax.engine.spec_draft import check_same_tokenizer
+    from hyprjax.tokenizer import Tokenizer
+
+    def tokenizer(name, vocab, merges):
+        d = tmp_path / name
+        d.mkdir()
+        build_tokenizer(vocab, max_merges=merges).save(str(d / "tokenizer.json"))
+        (d / "config.json").write_text("{}")
+        return Tokenizer.from_hf_dir(d)
+
+    a, same, fewer_merges, smaller = (tokenizer("a", 600, 200), tokenizer("b", 600, 200), tokenizer("c", 600, 20),
+                                      tokenizer("d", 500, 200))
+    check_same_tokenizer(a, same, 600, 600, "b")
+    for other in (fewer_merges, smaller):
+        with pytest.raises(HyprjaxError, match="draft model x: its tokenizer differs"):
+            check_same_tokenizer(a, other, 600, 600, "x")
