@@ -74,6 +74,12 @@ def load_draft(ecfg: EngineConfig, tokenizer, cfg, dtype):
     return loaded
 
 
+def _span(seq, start: int, stop: int) -> list[int]:
+    """Tokens start..stop-1 of prompt + output, without copying the whole sequence each step."""
+    p = seq.prompt_token_ids
+    return (p[start:stop] + seq.output_token_ids[max(start - len(p), 0):max(stop - len(p), 0)])
+
+
 class DraftModel:
     """A draft model's runner (own weights and KV pool, the target's page ids) and progress."""
 
@@ -101,7 +107,7 @@ class DraftModel:
         """k greedy drafts for each (sequence, k), k >= 1; the sequence holds pages for 1 + k more
         tokens (the draft writes its K/V for d_1..d_{k-1} there). At most `groups` items."""
         seqs = [seq for seq, _ in items]
-        tokens = [seq.all_token_ids for seq in seqs]
+        lens = [seq.num_tokens for seq in seqs]
         done = []
         for seq in seqs:
             at, preemptions = self._done.get(seq.request_id, (0, seq.num_preemptions))
@@ -112,16 +118,16 @@ class DraftModel:
             decodes, prefills, fed = [], [], []
             left = budget
             for i, seq in enumerate(seqs):
-                n = len(tokens[i])
+                n = lens[i]
                 if done[i] == n - 1 and left > 0:
-                    decodes.append(self._row(i, seq, tokens[i][n - 1:], n - 1, True))
+                    decodes.append(self._row(i, seq, _span(seq, n - 1, n), n - 1, True))
                     fed.append((i, 1))
                     left -= 1
             for i, seq in enumerate(seqs):
-                n = len(tokens[i])
+                n = lens[i]
                 if n - done[i] > 1 and left > 0 and len(prefills) < self.ecfg.max_prefill_seqs:
                     m = min(n - done[i], left)
-                    prefills.append(self._row(i, seq, tokens[i][done[i]:done[i] + m], done[i], done[i] + m == n))
+                    prefills.append(self._row(i, seq, _span(seq, done[i], done[i] + m), done[i], done[i] + m == n))
                     fed.append((i, m))
                     left -= m
             if not fed:
@@ -130,17 +136,17 @@ class DraftModel:
             self.steps_total += 1
             for row, (i, m) in enumerate(fed):
                 done[i] += m
-                if done[i] == len(tokens[i]):
+                if done[i] == lens[i]:
                     drafts[i].append(int(res.tokens[row]))
         for j in range(1, max(k for _, k in items)):  # d_{j+1} from d_j at position n + j - 1
             live = [i for i, (_, k) in enumerate(items) if k > j]
-            rows = [self._row(i, seqs[i], [drafts[i][-1]], len(tokens[i]) + j - 1, True) for i in live]
+            rows = [self._row(i, seqs[i], [drafts[i][-1]], lens[i] + j - 1, True) for i in live]
             res = self.runner.run(rows, [])
             self.steps_total += 1
             for row, i in enumerate(live):
                 drafts[i].append(int(res.tokens[row]))
         for i, (seq, k) in enumerate(items):
-            n = len(tokens[i])
+            n = lens[i]
             self._done[seq.request_id] = (n, seq.num_preemptions)
             self._out[seq.request_id] = (n, k)
         return drafts
