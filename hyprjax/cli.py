@@ -63,7 +63,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_method(text: str) -> str:
-    if text == "ngram" or (text.startswith("draft:") and text[len("draft:"):].strip()):
+    from .engine.config import draft_source
+
+    if text == "ngram" or draft_source(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: expected ngram or draft:PATH (a draft model's .gguf file or "
                                      "HF directory)")

@@ -10,6 +10,13 @@ from ..errors import ConfigError
 from .memory import check_kv_memory
 
 
+def draft_source(speculative) -> str | None:
+    """The PATH of `speculative="draft:PATH"` (a draft model, engine/spec_draft.py), else None."""
+    if isinstance(speculative, str) and speculative.startswith("draft:"):
+        return speculative[len("draft:"):].strip() or None
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches, pages and compiles."""
@@ -76,9 +83,7 @@ class EngineConfig:
         check_lora_quantization(self.lora_quantization)
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
-        if self.speculative not in (None, "ngram") and not (isinstance(self.speculative, str)
-                                                            and self.speculative.startswith("draft:")
-                                                            and self.speculative[len("draft:"):].strip()):
+        if self.speculative not in (None, "ngram") and not draft_source(self.speculative):
             raise ConfigError(f"speculative={self.speculative!r}: expected 'ngram', 'draft:PATH' (a draft model "
                               "sharing the target's tokenizer) or None (off)")
         for name in ("num_speculative_tokens", "ngram_min", "ngram_max", "spec_max_rows"):

@@ -30,7 +30,7 @@ from ..errors import HyprjaxError, PromptTooLongError
 from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .config import EngineConfig, draft_source
 from .memory import kv_pool_pages, page_bytes as kv_page_bytes
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -128,7 +128,7 @@ class LLMEngine:
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype = model.compute_dtype  # of the KV pool and adapter slots (weights may be int8)
         dtype_bytes = jnp.dtype(dtype).itemsize
-        draft = load_draft(ecfg, tokenizer, cfg, dtype) if ecfg.speculative and ecfg.speculative != "ngram" else None
+        draft = load_draft(ecfg, tokenizer, cfg, dtype) if draft_source(ecfg.speculative) else None
         draft_page = 0 if draft is None else kv_page_bytes(draft.cfg, ecfg.page_size, dtype_bytes)
         num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh),
                                               extra_page_bytes=draft_page)

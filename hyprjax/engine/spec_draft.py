@@ -33,7 +33,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import HyprjaxError
-from .config import EngineConfig
+from .config import EngineConfig, draft_source
 from .runner import _GREEDY, ModelRunner, RowRequest
 
 log = logging.getLogger("hyprjax.engine")
@@ -52,11 +52,6 @@ def check_same_tokenizer(target, draft, target_vocab: int, draft_vocab: int, pat
     if not same:
         raise HyprjaxError(f"draft model {path}: its tokenizer differs from the target model's; a draft model must "
                            "share the target's tokenizer (the same family, e.g. a smaller Qwen3 for a Qwen3)")
-
-
-def draft_source(speculative: str | None) -> str | None:
-    """The PATH of `draft:PATH`, or None for the other methods."""
-    return speculative[len("draft:"):] if speculative and speculative.startswith("draft:") else None
 
 
 def load_draft(ecfg: EngineConfig, tokenizer, cfg, dtype):
