@@ -199,7 +199,8 @@ def micro_kernel(engine, c: int, iters: int) -> dict:
     rows = []
     for m in MODULES:
         a, b = (t[0] for t in engine.lora.tables[m])  # layer 0's slot table: a [S, din, R], b [S, R, dout]
-        x = jax.device_put(rng.standard_normal((c, a.shape[1]), np.float32).astype(a.dtype))
+        xdt = np.float32 if a.dtype == np.uint16 else a.dtype  # uint16: bfloat16 bits (kernels/lora.py)
+        x = jax.device_put(rng.standard_normal((c, a.shape[1]), np.float32).astype(xdt))
         row = dict(module=m, din=int(a.shape[1]), dout=int(b.shape[2]))
         for key, pairs in (("none", []), ("one", [(0, i, 1.0) for i in range(c)]),
                            ("distinct", [(i % k, i, 1.0) for i in range(c)])):
@@ -335,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-loras", type=int, default=None, help="engine slots (default max of --adapters)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="engine tokens per step")
     ap.add_argument("--dtype", default="float32", help="parameter dtype (float32 is fastest on CPU)")
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="slot tables' dtype (EngineConfig.adapter_dtype; auto: the model's)")
     ap.add_argument("--micro-iters", type=int, default=5, help="microbenchmark repeats (0: skip it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "lora.json"), help="JSON; .md and .png go beside it")
@@ -377,7 +380,7 @@ def main(argv=None) -> int:
     ecfg = EngineConfig(max_num_seqs=c, max_num_batched_tokens=max(a.max_num_batched_tokens, c),
                         num_pages=c * -(-max_len // EngineConfig.page_size) + 1,  # no preemption
                         max_model_len=max_len, max_loras=max_loras,
-                        max_lora_rank=a.rank)
+                        max_lora_rank=a.rank, adapter_dtype=a.adapter_dtype)
     n0 = len(COMPILES)
     t0 = time.perf_counter()
     engine = LLMEngine(loaded.model, cfg, loaded.tokenizer, ecfg, warmup=True, progress=True)
@@ -440,8 +443,9 @@ def main(argv=None) -> int:
     top = summary[-1]
     res = dict(command=" ".join([Path(sys.executable).name] + sys.argv),
                started=time.strftime("%Y-%m-%d %H:%M:%S"), backend=jax.default_backend(), cpu_count=os.cpu_count(),
-               settings=dict(model=str(a.model), adapters=ns, concurrency=c, max_tokens=a.max_tokens,
-                             prompt_len=list(a.prompt_len), repeats=a.repeats, rank=a.rank, max_loras=max_loras,
+               settings=dict(model=str(a.model), adapter_dtype=a.adapter_dtype, adapters=ns, concurrency=c,
+                             max_tokens=a.max_tokens, prompt_len=list(a.prompt_len), repeats=a.repeats, rank=a.rank,
+                             max_loras=max_loras,
                              max_num_batched_tokens=ecfg.max_num_batched_tokens, dtype=a.dtype, seed=a.seed,
                              attention_backend=engine.backend),
                setup=dict(load_s=load_s, engine_build_s=compile_s, step_buckets=engine.num_compiled,

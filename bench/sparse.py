@@ -74,8 +74,8 @@ def make_adapter(cfg, kind: str, name: str, rank: int, seed: int):
     return random_adapter(cfg, name, rank, seed) if kind == "lora" else random_sparse(cfg, name, kind, rank, seed)
 
 
-def load_times(engine, cfg, rank: int, seed: int, repeats: int = 3) -> list[dict]:
-    """File-to-slot time of one adapter per (kind, file format): read + check + add + slot write."""
+def load_times(engine, cfg, kinds, rank: int, seed: int, repeats: int = 3) -> list[dict]:
+    """File-to-slot time of one adapter per (kind in `kinds`, file format): read + check + add + slot write."""
     import jax
 
     from hyprjax.adapters.load import read_adapter
@@ -86,6 +86,8 @@ def load_times(engine, cfg, rank: int, seed: int, repeats: int = 3) -> list[dict
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, fmt in (("lora", "peft"), ("lora", "vdb"), ("shira", "peft"), ("shira", "vdb"), ("block", "vdb")):
+            if kind not in kinds:  # the engine has slot tables only for the kinds measured
+                continue
             adapter = make_adapter(cfg, kind, "probe", rank, seed)
             path = Path(tmp) / f"{kind}.{fmt}"
             if fmt == "peft":
@@ -198,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank, and the sparse kinds' parameter count")
     ap.add_argument("--max-num-batched-tokens", type=int, default=256, help="engine tokens per step")
     ap.add_argument("--dtype", default="float32", help="parameter dtype (float32 is fastest on CPU)")
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="slot tables' dtype (EngineConfig.adapter_dtype; auto: the model's)")
     ap.add_argument("--threshold", type=float, default=0.8, help="the bar for the largest count of sparse adapters")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "sparse.json"), help="JSON; .md and .png go beside it")
@@ -230,12 +234,12 @@ def main(argv=None) -> int:
                         num_pages=c * -(-max_len // EngineConfig.page_size) + 1, max_model_len=max_len,
                         max_loras=max(ns), max_lora_rank=a.rank,
                         max_sparse_rank=a.rank if "shira" in a.kinds else 0,
-                        max_block_rank=a.rank if "block" in a.kinds else 0)
+                        max_block_rank=a.rank if "block" in a.kinds else 0, adapter_dtype=a.adapter_dtype)
     t0 = time.perf_counter()
     engine = LLMEngine(loaded.model, cfg, loaded.tokenizer, ecfg, warmup=True, progress=True)
     log(f"engine built in {time.perf_counter() - t0:.1f} s ({engine.num_compiled} step buckets; slot tables "
         f"{engine.lora.nbytes / 2**20:.0f} MiB)")
-    load = load_times(engine, cfg, a.rank, a.seed + 999)
+    load = load_times(engine, cfg, a.kinds, a.rank, a.seed + 999)
 
     names = {}
     for kind in a.kinds:
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
              "pass": s["ratio"] >= a.threshold} for s in summary if s["kind"] in ("shira", "block") and s["adapters"] == top]
     res = dict(settings=dict(model=a.model, kinds=a.kinds, adapters=ns, concurrency=c, max_tokens=a.max_tokens,
                              prompt_len=list(a.prompt_len), repeats=a.repeats, rank=a.rank, dtype=a.dtype,
-                             cpu_count=os.cpu_count(), compiles_total=len(COMPILES)),
+                             adapter_dtype=a.adapter_dtype, cpu_count=os.cpu_count(), compiles_total=len(COMPILES)),
                summary=summary, bars=bars, load=load, runs=runs)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

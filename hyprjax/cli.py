@@ -384,8 +384,8 @@ def cmd_serve(args) -> int:
                         kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank,
-                        lora_quantization=args.lora_quantization, max_sparse_rank=sparse_rank,
-                        max_block_rank=block_rank, **spec_options(args))
+                        lora_quantization=args.lora_quantization, adapter_dtype=args.adapter_dtype,
+                        max_sparse_rank=sparse_rank, max_block_rank=block_rank, **spec_options(args))
     names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
     if args.merge_lora and args.merge_lora not in {n for n, _ in args.lora}:
         raise HyprjaxError(f"--merge-lora {args.merge_lora!r} is not one of the --lora adapters")

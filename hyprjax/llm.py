@@ -45,6 +45,8 @@ class LLM:
     `lora_quantization` "int8" or "int4" keeps adapters loaded with `load_lora` quantized on the
     host (a quarter or about an eighth of their float32 bytes; hyprjax/adapters/quantized.py),
     dequantized into their device slot; "none" (the default) keeps them as floats.
+    `adapter_dtype` is the device slot tables' dtype: "auto" (the model's compute dtype),
+    "float32" or "bfloat16" (half the bytes per adapter a decode step reads; docs/lora.md).
     `speculative="ngram"` turns on speculative decoding with prompt-lookup drafts
     (`num_speculative_tokens` per step, n-grams of `ngram_min`..`ngram_max` tokens;
     hyprjax/engine/speculative.py), `speculative="draft:PATH"` with a smaller draft model that
@@ -57,24 +59,25 @@ class LLM:
                  max_lora_rank: int = 16, compile_cache: str | bool | None = None, tensor_parallel: int = 1,
                  enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none",
                  max_sparse_rank: int = 0, max_block_rank: int = 0, speculative: str | None = None,
-                 num_speculative_tokens: int = 7, ngram_min: int = 2, ngram_max: int = 4):
+                 num_speculative_tokens: int = 7, ngram_min: int = 2, ngram_max: int = 4,
+                 adapter_dtype: str = "auto"):
         from .adapters.quantized import check_lora_quantization
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
         mesh = tensor_parallel_mesh(tensor_parallel)  # a bad value fails before the load
         check_lora_quantization(lora_quantization)
+        spec = dict(speculative=speculative, num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min,
+                    ngram_max=ngram_max)
+        EngineConfig(**spec, adapter_dtype=adapter_dtype)  # a bad setting fails here, before the load
         enable_compile_cache(compile_cache)
         loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress, quantization=quantization)
         self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
         self.model, self.mesh = loaded.model, mesh
         if mesh is not None:
             shard_model(loaded.model, loaded.cfg, mesh)
-        spec = dict(speculative=speculative, num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min,
-                    ngram_max=ngram_max)
-        EngineConfig(**spec)  # a bad setting fails here, not at the first prompt
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching,
-                                   speculation=spec)
+                                   speculation=spec, adapter_dtype=adapter_dtype)
         self._lora_limits = (max_loras, max_lora_rank, lora_quantization)
         self._sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
 

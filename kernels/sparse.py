@@ -25,7 +25,8 @@ into the base weights instead (`hyprjax/adapters/registry.py`).
 
 Implementations:
   * `ref_sparse_add` / `ref_block_add`: `fori_loop`s over the real pairs, slicing one slot's
-    table [layer, slot] inside the loop (as `lora.ref_lora_add` does, for the same reason);
+    table [layer, slot] inside the loop (`lora.table_reader`, as `lora.ref_lora_add` does, for
+    the same reason; bfloat16 values travel as uint16 bits, kernels/lora.py says why);
     the XLA path, used on CPU and for element-sparse everywhere.
   * `naive_sparse_delta` / `naive_block_delta`: dense deltas per pair; ground truth for tests.
   * `block_delta(..., backend="pallas")`: the Pallas block-sparse kernels (`sparse_pallas.py`):
@@ -45,16 +46,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .lora import LoraPairs
+from .lora import LoraPairs, is_table_values, table_reader, widen
 
 _HI = lax.Precision.HIGHEST
-
-
-def _table_at(t, layer):
-    """slot -> t[layer, slot] (or t[slot] with layer None), sliced inside the loop."""
-    if layer is None:
-        return lambda slot: lax.dynamic_index_in_dim(t, slot, 0, keepdims=False)
-    return lambda slot: lax.dynamic_slice(t, (layer, slot) + (0,) * (t.ndim - 2), (1, 1, *t.shape[2:]))[0, 0]
 
 
 def _pair_loop(acc, regions, delta):
@@ -89,15 +83,15 @@ def ref_sparse_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arr
     (pairs are sorted by slot, so a prompt's blocks share one build).
     """
     dout, din = y.shape[1], x.shape[1]
-    idx_at, val_at = _table_at(idx, layer), _table_at(val, layer)
+    idx_at, val_at = table_reader(idx, layer), table_reader(val, layer)
 
     def delta(xs, slot):
-        ii, v = idx_at(slot), val_at(slot).astype(jnp.float32)
+        ii, v = idx_at(slot), val_at(slot)
         g = jnp.take(xs, ii // dout, axis=1) * v  # [block, N]
         return jnp.zeros((xs.shape[0], dout), jnp.float32).at[:, ii % dout].add(g)
 
     def densify(slot):
-        return jnp.zeros((din * dout,), jnp.float32).at[idx_at(slot)].add(val_at(slot).astype(jnp.float32)).reshape(
+        return jnp.zeros((din * dout,), jnp.float32).at[idx_at(slot)].add(val_at(slot)).reshape(
             din, dout)
 
     acc = y.astype(jnp.float32)
@@ -124,10 +118,10 @@ def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arra
     """y f[T, dout] plus every region's block-sparse deltas."""
     dout, din, b = y.shape[1], x.shape[1], val.shape[-1]
     nbi, nbo = din // b, dout // b
-    idx_at, val_at = _table_at(idx, layer), _table_at(val, layer)
+    idx_at, val_at = table_reader(idx, layer), table_reader(val, layer)
 
     def delta(xs, slot):
-        ii, v = idx_at(slot), val_at(slot).astype(jnp.float32)
+        ii, v = idx_at(slot), val_at(slot)
         xb = jnp.take(xs.reshape(xs.shape[0], nbi, b), ii % nbi, axis=1)  # [block, NB, b_in]
         d = jnp.einsum("qni,nio->qno", xb, v, precision=_HI)
         out = jnp.zeros((xs.shape[0], nbo, b), jnp.float32).at[:, ii // nbi].add(d)
@@ -138,14 +132,14 @@ def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arra
 
 def dense_from_sparse(idx, val, din: int, dout: int) -> jax.Array:
     """One slot's element-sparse table as its dense f32[din, dout] delta."""
-    return jnp.zeros((din * dout,), jnp.float32).at[idx].add(val.astype(jnp.float32)).reshape(din, dout)
+    return jnp.zeros((din * dout,), jnp.float32).at[idx].add(widen(val)).reshape(din, dout)
 
 
 def dense_from_blocks(idx, val, din: int, dout: int) -> jax.Array:
     """One slot's block table as its dense f32[din, dout] delta."""
     b = val.shape[-1]
     nbi = din // b
-    d = jnp.zeros((dout // b, nbi, b, b), jnp.float32).at[idx // nbi, idx % nbi].add(val.astype(jnp.float32))
+    d = jnp.zeros((dout // b, nbi, b, b), jnp.float32).at[idx // nbi, idx % nbi].add(widen(val))
     return d.transpose(1, 2, 0, 3).reshape(din, dout)
 
 
@@ -186,9 +180,11 @@ def check_block_table(x, idx, val, pairs: LoraPairs, block: int, dout: int) -> N
     p = pairs.start.shape
     if len(p) != 1 or pairs.slot.shape != p or pairs.weight.shape != p or pairs.count.shape != ():
         bad("pairs", tuple(v.shape for v in pairs), "must be three [P] arrays and a scalar count")
-    for name, v in (("x", x), ("val", val), ("pairs.weight", pairs.weight)):
+    for name, v in (("x", x), ("pairs.weight", pairs.weight)):
         if not jnp.issubdtype(v.dtype, jnp.floating):
             bad(f"{name}.dtype", v.dtype, "must be floating")
+    if not is_table_values(val):
+        bad("val.dtype", val.dtype, "must be floating, or uint16 bfloat16 bits")
     if not isinstance(block, int) or block < 1 or x.shape[0] % block:
         bad("block", block, f"must be a positive int dividing T={x.shape[0]}")
     if idx.dtype != jnp.int32:
@@ -211,6 +207,9 @@ def block_delta(x, idx, val, pairs: LoraPairs, *, block: int, dout: int, backend
         return ref_block_add(jnp.zeros((x.shape[0], dout), jnp.float32), x, idx, val, ((pairs, block, 0),))
     if backend != "pallas":
         raise ValueError(f"block_delta: backend={backend!r} must be 'xla' or 'pallas'")
+    if val.dtype == jnp.uint16:
+        raise ValueError("block_delta: uint16 (bfloat16 bits) tables are the XLA path's; the Pallas kernel takes "
+                         "bfloat16 tables")
     from .sparse_pallas import pallas_block_delta
 
     return pallas_block_delta(x, idx, val, pairs, block=block, dout=dout, interpret=interpret)

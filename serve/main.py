@@ -11,6 +11,7 @@ import functools
 import re
 
 from hyprjax.adapters.quantized import LORA_QUANTIZATIONS
+from hyprjax.engine.config import ADAPTER_DTYPES
 from hyprjax.engine.memory import (ACCELERATOR_DEFAULT_FRACTION, CPU_DEFAULT_BYTES, page_bytes, parse_kv_memory,
                                    parse_size)
 
@@ -178,6 +179,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep loaded adapters on the host as int8 (a scale per rank vector, 1/4 of float32) "
                            "or int4 (a scale per 128 weights, ~1/8), dequantized into their slot when used; "
                            "none (default): floats")
+    lora.add_argument("--adapter-dtype", choices=list(ADAPTER_DTYPES), default="auto",
+                      help="the device slot tables' dtype: auto (default; the model's compute dtype, float32 "
+                           "on CPU), float32 or bfloat16 (half the bytes each adapter costs a decode step)")
 
     learn = parser.add_argument_group("learning from traffic")
     learn.add_argument("--learn", action="append", default=[], metavar="NAME",

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from ..kernels.lora import bf16_bits
 from .lora import MODULES, AdapterError, LoraAdapter, module_shapes
 from .quantized import check_lora_quantization, quantize_adapter
 
@@ -138,10 +139,13 @@ class LoraRegistry:
 
     def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, dtype, max_merged: int | None = None,
                  sharding=None, quantization: str = "none", max_sparse_rank: int = 0, max_block_rank: int = 0,
-                 sparse_block: int = 16):
+                 sparse_block: int = 16, bits16: bool = False):
         if max_loras < 1:
             raise AdapterError(f"max_loras={max_loras} must be >= 1 to serve adapters")
         self.cfg, self.max_loras, self.max_rank, self.dtype = cfg, max_loras, max_rank, dtype
+        # bits16: bfloat16 values kept as their uint16 bits, for the XLA path (kernels/lora.py says why)
+        self._bits16 = bits16 and jnp.dtype(dtype) == jnp.bfloat16
+        self._table_dtype = jnp.uint16 if self._bits16 else dtype
         self.quantization = check_lora_quantization(quantization)  # how added adapters are kept on the host
         self.max_merged = max_merged or 2 * max_loras
         self._shapes = module_shapes(cfg)
@@ -523,8 +527,8 @@ class LoraRegistry:
     def _zero_tables(self) -> dict:
         nl, s, r = self.cfg.num_layers, self.max_loras, self.max_rank
         at = self._table_shardings or {}
-        return {m: (jnp.zeros((nl, s, din, r), self.dtype, device=at.get(m, (None, None))[0]),
-                    jnp.zeros((nl, s, r, dout), self.dtype, device=at.get(m, (None, None))[1]))
+        return {m: (jnp.zeros((nl, s, din, r), self._table_dtype, device=at.get(m, (None, None))[0]),
+                    jnp.zeros((nl, s, r, dout), self._table_dtype, device=at.get(m, (None, None))[1]))
                 for m, (din, dout) in self._shapes.items()}
 
     def _zero_sparse_tables(self) -> dict:
@@ -533,8 +537,8 @@ class LoraRegistry:
         out = {}
         for part, caps in self.capacity.items():
             tail = (b, b) if part == "block" else ()
-            out[part] = {m: (jnp.zeros((nl, s, n), jnp.int32, device=at), jnp.zeros((nl, s, n, *tail), self.dtype,
-                                                                                     device=at))
+            out[part] = {m: (jnp.zeros((nl, s, n), jnp.int32, device=at),
+                             jnp.zeros((nl, s, n, *tail), self._table_dtype, device=at))
                          for m, n in caps.items()}
         return out
 
@@ -552,6 +556,10 @@ class LoraRegistry:
     def _get(self, name: str) -> LoraAdapter:
         return self._merged[name] if name in self._merged else self._adapters[name]
 
+    def _cast(self, values: np.ndarray) -> np.ndarray:
+        """Host float32 slot values in the tables' dtype (uint16 bits for bits16 tables)."""
+        return bf16_bits(values) if self._bits16 else values.astype(self.dtype)
+
     def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
         r, nl = self.max_rank, self.cfg.num_layers
         values = {}
@@ -563,17 +571,17 @@ class LoraRegistry:
                 if mod is not None:
                     a[layer, :, :mod.rank] = mod.a
                     b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
-            values[m] = (jax.device_put(a.astype(self.dtype)), jax.device_put(b.astype(self.dtype)))
+            values[m] = (jax.device_put(self._cast(a)), jax.device_put(self._cast(b)))
         self._slot_parts[slot] = frozenset()  # a failed write below leaves the slot unused, not half-read
         self.tables = self._set(self.tables, np.int32(slot), values)
         if self.sparse_tables:
-            values = {part: {m: _sparse_slot(adapter, m, part, nl, n, self._shapes[m], self.sparse_block, self.dtype)
+            values = {part: {m: _sparse_slot(adapter, m, part, nl, n, self._shapes[m], self.sparse_block, self._cast)
                              for m, n in caps.items()} for part, caps in self.capacity.items()}
             self.sparse_tables = self._set_sparse(self.sparse_tables, np.int32(slot), values)
         self._slot_parts[slot] = adapter.parts
 
 
-def _sparse_slot(adapter: LoraAdapter, module: str, part: str, nl: int, cap: int, shape, b: int, dtype):
+def _sparse_slot(adapter: LoraAdapter, module: str, part: str, nl: int, cap: int, shape, b: int, cast):
     """Host (idx i32[L, cap], val [L, cap(, b, b)]) of one adapter's `part` of `module`, in the
     sorted, padded layout of kernels/sparse.py (scale folded into the values)."""
     din, dout = shape
@@ -596,7 +604,7 @@ def _sparse_slot(adapter: LoraAdapter, module: str, part: str, nl: int, cap: int
             idx[layer, :n], val[layer, :n] = flat, m.blocks
         if 0 < n < cap:
             idx[layer, n:] = idx[layer, n - 1]  # padding repeats the last index with value 0: stays sorted
-    return jax.device_put(idx), jax.device_put(val.astype(dtype))
+    return jax.device_put(idx), jax.device_put(cast(val))
 
 
 def sparse_capacity(adapters: list[LoraAdapter], cfg: ModelConfig, sparse_block: int = 16) -> tuple[int, int]:

@@ -9,6 +9,8 @@ from ..adapters.quantized import check_lora_quantization
 from ..errors import ConfigError
 from .memory import check_kv_memory
 
+ADAPTER_DTYPES = ("auto", "float32", "bfloat16")
+
 
 def draft_source(speculative) -> str | None:
     """The PATH of `speculative="draft:PATH"` (a draft model, engine/spec_draft.py), else None."""
@@ -45,6 +47,10 @@ class EngineConfig:
     # how loaded adapters are kept on the host: none (floats) | int8 (a scale per rank vector) |
     # int4 (a scale per 128 along it); dequantized into the (float) slots (adapters/quantized.py)
     lora_quantization: str = "none"
+    # the slot tables' dtype: auto (the model's compute dtype: float32 on CPU, bfloat16 on GPU/TPU)
+    # | float32 | bfloat16. bfloat16 halves the bytes a decode step reads per adapter pair
+    # (docs/lora.md measures what that buys on CPU and what it costs in precision)
+    adapter_dtype: str = "auto"
     # speculative decoding (engine/speculative.py): None (off) | "ngram" (prompt lookup) |
     # "draft:PATH" (a draft model sharing the target's tokenizer, engine/spec_draft.py); K drafts
     # per sequence and step, from n-grams of ngram_min..ngram_max tokens; verify steps run only
@@ -81,6 +87,9 @@ class EngineConfig:
         if self.sparse_block not in (16, 32):
             raise ConfigError(f"engine setting sparse_block must be 16 or 32, got {self.sparse_block!r}")
         check_lora_quantization(self.lora_quantization)
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"engine setting adapter_dtype={self.adapter_dtype!r} is not one of "
+                              f"{', '.join(ADAPTER_DTYPES)}")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
         if self.speculative not in (None, "ngram") and not draft_source(self.speculative):

@@ -139,14 +139,15 @@ class LLMEngine:
                                                    ecfg.max_prefill_seqs), self.block_manager, self._admit_lora)
         self.lora = None
         if ecfg.max_loras:
-            self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=dtype,
+            slot_dtype = dtype if ecfg.adapter_dtype == "auto" else jnp.dtype(ecfg.adapter_dtype)
+            self.lora = LoraRegistry(cfg, max_loras=ecfg.max_loras, max_rank=ecfg.max_lora_rank, dtype=slot_dtype,
                                      sharding=lora_table_sharding(cfg, mesh), quantization=ecfg.lora_quantization,
                                      max_sparse_rank=ecfg.max_sparse_rank, max_block_rank=ecfg.max_block_rank,
-                                     sparse_block=ecfg.sparse_block)
+                                     sparse_block=ecfg.sparse_block, bits16=self.backend == "xla")
             sparse = "".join(f", {part} capacity of rank {r}" for part, r in
                              (("element-sparse", ecfg.max_sparse_rank), ("block-sparse", ecfg.max_block_rank)) if r)
-            log.info("adapter slot tables: %d slots of rank %d%s (%.1f MiB); adapters kept on the host as %s",
-                     ecfg.max_loras, ecfg.max_lora_rank, sparse, self.lora.nbytes / 2**20,
+            log.info("adapter slot tables: %d slots of rank %d%s (%.1f MiB of %s); adapters kept on the host as %s",
+                     ecfg.max_loras, ecfg.max_lora_rank, sparse, self.lora.nbytes / 2**20, jnp.dtype(slot_dtype).name,
                      "floats" if ecfg.lora_quantization == "none" else ecfg.lora_quantization)
         reg = self.lora
         self.runner = ModelRunner(model, cfg, ecfg, num_pages=num_pages, max_model_len=self.max_model_len,

@@ -187,3 +187,47 @@ def test_bad_lora_quantization_is_refused_by_name(monkeypatch, capsys, tmp_path)
     monkeypatch.setattr(engine_config, "EngineConfig", stop_at_config)
     assert main(["serve", str(tmp_path), "--lora-quantization", "int4"]) == 2
     assert seen[0].lora_quantization == "int4"
+
+
+def test_adapter_dtype_is_refused_by_name_and_reaches_the_slot_tables(world, monkeypatch, capsys, tmp_path):
+    """EngineConfig/LLM/serve adapter_dtype: a bad value is named before anything loads; bfloat16
+    reaches the engine's slot tables (uint16 bits on the XLA path, kernels/lora.py)."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from bench.make_model import build_tokenizer
+    from hyprjax import LLM
+    from hyprjax.cli import build_parser, main
+
+    with pytest.raises(ConfigError, match=r"adapter_dtype='float16' is not one of auto, float32, bfloat16"):
+        EngineConfig(adapter_dtype="float16")
+    with pytest.raises(ConfigError, match=r"adapter_dtype='int8'"):  # before the (missing) model loads
+        LLM(tmp_path / "nowhere", adapter_dtype="int8")
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "m", "--adapter-dtype", "fp8"])
+    assert e.value.code == 2 and "--adapter-dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+    import hyprjax.engine.config as engine_config
+
+    seen = []
+
+    def stop_at_config(**kw):
+        seen.append(EngineConfig(**kw))
+        raise HyprjaxError("stop here")
+
+    with monkeypatch.context() as m:
+        m.setattr("hyprjax.formats.load.load_model", lambda *a, **k: SimpleNamespace(cfg=None, tokenizer=None,
+                                                                                     path=tmp_path))
+        m.setattr(engine_config, "EngineConfig", stop_at_config)
+        assert main(["serve", str(tmp_path), "--adapter-dtype", "bfloat16"]) == 2
+    assert seen[0].adapter_dtype == "bfloat16"
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(world["dir"] / "base", model_dir)
+    build_tokenizer(400).save(str(model_dir / "tokenizer.json"))
+    llm = LLM(str(model_dir), dtype="float32", progress=False, max_loras=1, max_lora_rank=8, adapter_dtype="bfloat16")
+    llm.load_lora("q", world["dir"] / "q")
+    assert llm.engine().lora.tables["down_proj"][1].dtype == jnp.uint16
+    prompt = list(range(11, 30))
+    assert llm.generate([prompt], GREEDY, lora="q")[0].token_ids != llm.generate([prompt], GREEDY)[0].token_ids

@@ -4,7 +4,10 @@ against PEFT's ShiraModel and against deltas merged into the weights in numpy.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -20,6 +23,7 @@ from hyprjax.adapters.sparse import SparseModule, blocks_from_dense, sparse_from
 from hyprjax.engine.config import EngineConfig
 from hyprjax.engine.llm_engine import LLMEngine
 from hyprjax.formats.load import load_model
+from hyprjax.kernels.lora import widen
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,10 +73,10 @@ def world(request, tmp_path_factory):
     return dict(dir=d, arch=arch, hf=hf, lm=lm, shira_peft=shira, lora_peft=lora_peft, adapters=adapters)
 
 
-def _registry(world, names):
+def _registry(world, names, dtype=np.float32, bits16=False):
     sparse_rank, block_rank = sparse_capacity([world["adapters"][n] for n in names], world["lm"].cfg)
-    reg = LoraRegistry(world["lm"].cfg, max_loras=4, max_rank=8, dtype=np.float32, max_sparse_rank=sparse_rank,
-                       max_block_rank=block_rank)
+    reg = LoraRegistry(world["lm"].cfg, max_loras=4, max_rank=8, dtype=dtype, max_sparse_rank=sparse_rank,
+                       max_block_rank=block_rank, bits16=bits16)
     for n in names:
         reg.add(world["adapters"][n])
     assert reg.acquire(names)
@@ -167,6 +171,37 @@ def test_mixed_batch_of_kinds_equals_each_request_alone(world, engine):
     assert together == alone
     base = _serve(engine, [(p, None) for p in prompts])
     assert sum(t != b for t, b in zip(together, base)) >= 4
+
+
+def test_bfloat16_slot_tables_hold_the_rounded_values_and_serve_mixed_batches(world, engine):
+    """adapter_dtype="bfloat16": on the XLA path the tables are uint16 bits (kernels/lora.py), half
+    the bytes, holding exactly the float32 engine's slot values rounded to bf16 (the kernels give
+    float32 tables' results for those values: tests/kernels); a mixed batch equals each alone."""
+    names = list(world["adapters"])
+    f32, bits = _registry(world, names), _registry(world, names, dtype=jnp.bfloat16, bits16=True)
+    index_bytes = sum(t.nbytes for t in jax.tree.leaves(f32.sparse_tables) if t.dtype == jnp.int32)
+    assert bits.nbytes - index_bytes == (f32.nbytes - index_bytes) // 2  # values: 2 bytes, not 4
+    for part in (None, "sparse", "block"):
+        a, b = (f32.tables, bits.tables) if part is None else (f32.sparse_tables[part], bits.sparse_tables[part])
+        for m in a:
+            for t32, t16 in zip(a[m], b[m]):
+                if t32.dtype == jnp.int32:
+                    np.testing.assert_array_equal(t16, t32)
+                else:
+                    assert t16.dtype == jnp.uint16
+                    np.testing.assert_array_equal(widen(t16), t32.astype(jnp.bfloat16).astype(jnp.float32))
+    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
+                    dataclasses.replace(engine.ecfg, adapter_dtype="bfloat16"), warmup=False, progress=False)
+    for a in world["adapters"].values():
+        eng.add_adapter(a)
+    assert eng.lora.tables["q_proj"][0].dtype == jnp.uint16
+    rng = np.random.default_rng(1)
+    mixes = [LoraRequest.make(["lora"]), LoraRequest.make(["shira"]), LoraRequest.make(["blocks"]),
+             LoraRequest.make(["rosa"]), LoraRequest.make(["shira", "blocks", "lora"], [0.6, -0.8, 0.5]), None]
+    prompts = [rng.integers(3, 400, int(rng.integers(4, 40))).tolist() for _ in mixes]
+    together = _serve(eng, list(zip(prompts, mixes)))
+    assert together == [_serve(eng, [(p, m)])[0] for p, m in zip(prompts, mixes)]
+    assert sum(t != b for t, b in zip(together, _serve(eng, [(p, None) for p in prompts]))) >= 3
 
 
 def test_sequential_equals_weighted_sum(world, engine):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from hyprjax.kernels.lora import LoraPairs, lora_apply, lora_delta, naive_lora_delta
+from hyprjax.kernels.lora import LoraPairs, bf16_bits, lora_apply, lora_delta, naive_lora_delta, widen
 from hyprjax.kernels.lora_pallas import _pallas_gpu, _pallas_tpu, pallas_lora_delta
 
 # bf16 inputs are exact in f32 and every implementation multiplies and accumulates in f32, so
@@ -186,3 +186,31 @@ def test_lora_apply_adds_both_regions_to_y(backend, td):
     stack = lambda t: jnp.stack([jnp.full_like(t, jnp.nan), t])  # noqa: E731  layer 1 of a 2-layer table
     got = lora_apply(y, x, stack(a), stack(b), dec, pf, layer=1, td=td, block_q=bq, backend=backend, interpret=True)
     np.testing.assert_allclose(got, want, **TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("td", [0, 4])
+def test_bf16_bit_tables_equal_float_tables_of_the_same_values(td):
+    """bfloat16 slots on the XLA path are uint16 bits (kernels/lora.py): lora_apply over a stacked
+    bit table gives exactly what float32 tables holding the same bf16-rounded values give, NaN
+    layer and slot included (never read); widen() recovers the values; the Pallas path refuses bits."""
+    rng = np.random.default_rng(5 + td)
+    bq = 16
+    (xd, a, b, dec), _ = make_case(rng, tokens=max(td, 1), block=1, slots=4, rank=16, dtype=jnp.float32, pad=2)
+    (xp, _, _, pf), _ = make_case(rng, tokens=3 * bq, block=bq, slots=4, rank=16, dtype=jnp.float32, pad=2)
+    x = jnp.nan_to_num(jnp.concatenate([xd[:td], xp]))
+    if not td:
+        dec = LoraPairs(*(v[:0] for v in dec[:3]), jnp.int32(0))
+    stack = lambda t: jnp.stack([jnp.full_like(t, jnp.nan), t])  # noqa: E731  layer 1 of a 2-layer table
+    a, b = stack(a), stack(b)
+    rounded = [t.astype(jnp.bfloat16).astype(jnp.float32) for t in (a, b)]
+    bits = [bf16_bits(t) for t in (a, b)]
+    assert bits[0].dtype == jnp.uint16 and np.array_equal(bits[1], bf16_bits(np.asarray(b)))
+    np.testing.assert_array_equal(widen(bits[0]), rounded[0])
+    y = jnp.asarray(rng.standard_normal((x.shape[0], b.shape[-1])), jnp.float32)
+    kw = dict(layer=1, td=td, block_q=bq)
+    got = jax.jit(lambda y, x, a, b: lora_apply(y, x, a, b, dec, pf, **kw))(y, x, *bits)
+    want = jax.jit(lambda y, x, a, b: lora_apply(y, x, a, b, dec, pf, **kw))(y, x, *rounded)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).all() and not np.allclose(got, y)
+    with pytest.raises(ValueError, match="uint16"):
+        lora_delta(xp, bits[0][1], bits[1][1], pf, block=bq, backend="pallas", interpret=True)

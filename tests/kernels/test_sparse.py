@@ -12,7 +12,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from hyprjax.kernels import sparse
-from hyprjax.kernels.lora import LoraPairs
+from hyprjax.kernels.lora import LoraPairs, bf16_bits
 from hyprjax.kernels.sparse import block_delta, ref_block_add, ref_sparse_add, sparse_apply
 from hyprjax.kernels.sparse_pallas import _pallas_gpu, _pallas_tpu, pallas_block_delta
 
@@ -278,3 +278,35 @@ def test_compiled_kernel_on_device(dtype, block, b):
     with jax.default_matmul_precision("float32"):  # no TF32 in the reference
         want = naive_block_delta(*clean, block=block, dout=1024)
     np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("part", ["sparse", "block"])
+@pytest.mark.parametrize("td", [0, 4])
+def test_bf16_bit_tables_equal_float_tables_of_the_same_values(part, td):
+    """uint16 bfloat16 bits (the XLA path's bf16 slots, kernels/lora.py) give exactly the deltas of
+    float32 tables holding the same rounded values, decode pairs and prefill blocks (element-sparse
+    prefill densifies the slot from the bits); the Pallas block kernel refuses bits."""
+    rng = np.random.default_rng(21 + td)
+    bq, slots, din, dout = 16, 4, 64, 128
+    dec = make_pairs(rng, tokens=td + 1, block=1, slots=slots, pad=2)
+    dec = dec._replace(start=dec.start - 1)
+    pf = make_pairs(rng, tokens=4 * bq, block=bq, slots=slots, pad=2)
+    pf = pf._replace(start=pf.start - bq)
+    if not td:
+        dec = LoraPairs(*(v[:0] for v in dec[:3]), jnp.int32(0))
+    if part == "block":
+        idx, val = make_table(rng, slots=slots, cap=6, positions=(din // 16) * (dout // 16), shape=(16, 16))
+    else:
+        idx, val = make_table(rng, slots=slots, cap=40, positions=din * dout, shape=())
+    stack = lambda t, fill: jnp.stack([jnp.full_like(t, fill), t])  # noqa: E731  layer 1 of 2
+    idx, val = stack(jnp.asarray(idx), 0), stack(jnp.asarray(val), jnp.nan)
+    rounded, bits = val.astype(jnp.bfloat16).astype(jnp.float32), bf16_bits(val)
+    x = jnp.asarray(rng.standard_normal((td + 3 * bq, din)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((x.shape[0], dout)), jnp.float32)
+    run = jax.jit(lambda y, x, v: sparse_apply(y, x, part, idx, v, dec, pf, layer=1, td=td, block_q=bq))
+    got, want = run(y, x, bits), run(y, x, rounded)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).all() and not np.allclose(got, y)
+    if part == "block":
+        with pytest.raises(ValueError, match="uint16"):
+            block_delta(x[td:], idx[1], bits[1], pf, block=bq, dout=dout, backend="pallas", interpret=True)
