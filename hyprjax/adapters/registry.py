@@ -172,7 +172,8 @@ class LoraRegistry:
         self._set = jax.jit(_set_slot, donate_argnums=0, **({} if sharding is None else
                                                            dict(out_shardings=self._table_shardings)))
         self._set_sparse = jax.jit(_set_slot, donate_argnums=0)
-        self._write_slot(0, LoraAdapter("", "", {}))  # compile the slot writers now, not while serving
+        # compile every table's slot writer now, not while serving (zeros: slot 0 stays empty)
+        self._write_slot(0, LoraAdapter("", "", {}), parts={"lora", *self.capacity})
         self._adapters: dict[str, LoraAdapter] = {}  # loaded by users
         self._merged: OrderedDict[str, LoraAdapter] = OrderedDict()  # mixes, least recently used first
         self._ids: dict[str, int] = {}  # name -> load generation (reloading a name never reuses K/V)
@@ -560,24 +561,35 @@ class LoraRegistry:
         """Host float32 slot values in the tables' dtype (uint16 bits for bits16 tables)."""
         return bf16_bits(values) if self._bits16 else values.astype(self.dtype)
 
-    def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
+    def _write_slot(self, slot: int, adapter: LoraAdapter, parts=None) -> None:
+        """Write `adapter` into `slot`: only the tables of its own parts (default `adapter.parts`).
+
+        A slot's other tables keep whatever an earlier occupant left: the runner makes pairs only
+        for the parts a slot holds (`parts(slot)`), so those rows are never read. Writing zeros
+        there cost every slot write of a LoRA adapter ~100 ms more in an engine with sparse
+        tables (bench/sparse.py's load times).
+        """
+        parts = adapter.parts if parts is None else parts
         r, nl = self.max_rank, self.cfg.num_layers
-        values = {}
-        for m in MODULES:
-            din, dout = self._shapes[m]
-            a, b = np.zeros((nl, din, r), np.float32), np.zeros((nl, r, dout), np.float32)
-            for layer in range(nl):
-                mod = adapter.modules.get((layer, m))
-                if mod is not None:
-                    a[layer, :, :mod.rank] = mod.a
-                    b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
-            values[m] = (jax.device_put(self._cast(a)), jax.device_put(self._cast(b)))
         self._slot_parts[slot] = frozenset()  # a failed write below leaves the slot unused, not half-read
-        self.tables = self._set(self.tables, np.int32(slot), values)
-        if self.sparse_tables:
-            values = {part: {m: _sparse_slot(adapter, m, part, nl, n, self._shapes[m], self.sparse_block, self._cast)
-                             for m, n in caps.items()} for part, caps in self.capacity.items()}
-            self.sparse_tables = self._set_sparse(self.sparse_tables, np.int32(slot), values)
+        if "lora" in parts:
+            values = {}
+            for m in MODULES:
+                din, dout = self._shapes[m]
+                a, b = np.zeros((nl, din, r), np.float32), np.zeros((nl, r, dout), np.float32)
+                for layer in range(nl):
+                    mod = adapter.modules.get((layer, m))
+                    if mod is not None:
+                        a[layer, :, :mod.rank] = mod.a
+                        b[layer, :mod.rank] = mod.b * np.float32(mod.scale)
+                values[m] = (jax.device_put(self._cast(a)), jax.device_put(self._cast(b)))
+            self.tables = self._set(self.tables, np.int32(slot), values)
+        for part, caps in self.capacity.items():
+            if part in parts:
+                values = {m: _sparse_slot(adapter, m, part, nl, n, self._shapes[m], self.sparse_block, self._cast)
+                          for m, n in caps.items()}
+                self.sparse_tables = {**self.sparse_tables,
+                                      part: self._set_sparse(self.sparse_tables[part], np.int32(slot), values)}
         self._slot_parts[slot] = adapter.parts
 
 

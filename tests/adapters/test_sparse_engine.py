@@ -332,3 +332,25 @@ def _one_engine(world, name):
                                  **ENGINE), warmup=False, progress=False)
     eng.add_adapter(adapter)
     return eng
+
+
+def test_a_slot_taken_over_by_another_kind_serves_only_its_new_adapter(world):
+    """One slot, adapters of three kinds taking turns in it: a write fills only the new adapter's
+    own tables (registry._write_slot), so stale rows of the others stay behind, never read; every
+    turn's tokens equal an engine that only ever held that adapter."""
+    adapters = world["adapters"]
+    sparse_rank, block_rank = sparse_capacity(list(adapters.values()), world["lm"].cfg)
+    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
+                    EngineConfig(max_loras=1, max_lora_rank=8, max_sparse_rank=sparse_rank, max_block_rank=block_rank,
+                                 **ENGINE), warmup=False, progress=False)
+    for a in adapters.values():
+        eng.add_adapter(a)
+    prompt = list(range(7, 40))
+    turns = ["blocks", "lora", "shira", "blocks", "rosa", "lora"]
+    got = [_serve(eng, [(prompt, LoraRequest.make([n]))])[0] for n in turns]
+    assert eng.lora.evictions == len(turns) - 1
+    block_rows = np.asarray(jax.tree.leaves(eng.lora.sparse_tables["block"])[1][:, 0])
+    assert block_rows.any()  # "lora" holds the slot; the last block adapter's values stayed
+    alone = {n: _serve(_one_engine(world, n), [(prompt, LoraRequest.make([n]))])[0] for n in set(turns)}
+    assert got == [alone[n] for n in turns]
+    assert len({tuple(t) for t in got}) >= 3
