@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _BACKENDS = ("xla", "pallas")
@@ -48,8 +49,6 @@ def bf16_bits(values):
     """bfloat16 `values` (any float array, numpy or jax) as the uint16 bits the XLA path reads."""
     if isinstance(values, jax.Array):
         return lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
-    import numpy as np
-
     return np.asarray(values).astype(jnp.bfloat16).view(np.uint16)
 
 

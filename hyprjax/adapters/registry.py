@@ -566,8 +566,8 @@ class LoraRegistry:
 
         A slot's other tables keep whatever an earlier occupant left: the runner makes pairs only
         for the parts a slot holds (`parts(slot)`), so those rows are never read. Writing zeros
-        there cost every slot write of a LoRA adapter ~100 ms more in an engine with sparse
-        tables (bench/sparse.py's load times).
+        there made a LoRA slot write 53-121 ms instead of 23-25 in an engine with every kind's
+        tables (bench/sparse.py's `load_times`, README "Sparse adapters in one batch").
         """
         parts = adapter.parts if parts is None else parts
         r, nl = self.max_rank, self.cfg.num_layers

@@ -4,7 +4,6 @@ against PEFT's ShiraModel and against deltas merged into the weights in numpy.""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -146,16 +145,21 @@ def test_weighted_mix_of_every_kind_equals_merged_weights(world):
     np.testing.assert_allclose(ours, paged_logits(_merged_model(world, mix), prompt), atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def engine(world):
-    adapters = world["adapters"]
-    sparse_rank, block_rank = sparse_capacity(list(adapters.values()), world["lm"].cfg)
+def _engine(world, names, max_loras: int, **settings):
+    """An engine with `max_loras` slots, tables sized for the adapters `names`, holding them."""
+    adapters = [world["adapters"][n] for n in names]
+    sparse_rank, block_rank = sparse_capacity(adapters, world["lm"].cfg)
     eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
-                    EngineConfig(max_loras=4, max_lora_rank=8, max_sparse_rank=sparse_rank, max_block_rank=block_rank,
-                                 **ENGINE), warmup=False, progress=False)
-    for a in adapters.values():
+                    EngineConfig(max_loras=max_loras, max_lora_rank=8, max_sparse_rank=sparse_rank,
+                                 max_block_rank=block_rank, **ENGINE, **settings), warmup=False, progress=False)
+    for a in adapters:
         eng.add_adapter(a)
     return eng
+
+
+@pytest.fixture(scope="module")
+def engine(world):
+    return _engine(world, world["adapters"], 4)
 
 
 def test_mixed_batch_of_kinds_equals_each_request_alone(world, engine):
@@ -173,7 +177,7 @@ def test_mixed_batch_of_kinds_equals_each_request_alone(world, engine):
     assert sum(t != b for t, b in zip(together, base)) >= 4
 
 
-def test_bfloat16_slot_tables_hold_the_rounded_values_and_serve_mixed_batches(world, engine):
+def test_bfloat16_slot_tables_hold_the_rounded_values_and_serve_mixed_batches(world):
     """adapter_dtype="bfloat16": on the XLA path the tables are uint16 bits (kernels/lora.py), half
     the bytes, holding exactly the float32 engine's slot values rounded to bf16 (the kernels give
     float32 tables' results for those values: tests/kernels); a mixed batch equals each alone."""
@@ -190,10 +194,7 @@ def test_bfloat16_slot_tables_hold_the_rounded_values_and_serve_mixed_batches(wo
                 else:
                     assert t16.dtype == jnp.uint16
                     np.testing.assert_array_equal(widen(t16), t32.astype(jnp.bfloat16).astype(jnp.float32))
-    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
-                    dataclasses.replace(engine.ecfg, adapter_dtype="bfloat16"), warmup=False, progress=False)
-    for a in world["adapters"].values():
-        eng.add_adapter(a)
+    eng = _engine(world, names, 4, adapter_dtype="bfloat16")
     assert eng.lora.tables["q_proj"][0].dtype == jnp.uint16
     rng = np.random.default_rng(1)
     mixes = [LoraRequest.make(["lora"]), LoraRequest.make(["shira"]), LoraRequest.make(["blocks"]),
@@ -321,36 +322,20 @@ def test_llm_grows_sparse_tables_and_keeps_loaded_adapters(world, tmp_path):
     assert llm.engine().ecfg.max_block_rank == sparse_capacity([world["adapters"]["blocks"]], cfg)[1] > 1
     assert llm.generate([prompt], GREEDY, lora="small")[0].token_ids == first
     assert llm.generate([prompt], GREEDY, lora="big")[0].token_ids == _serve(
-        _one_engine(world, "blocks"), [(prompt, LoraRequest.make(["blocks"]))])[0]
-
-
-def _one_engine(world, name):
-    adapter = world["adapters"][name]
-    sparse_rank, block_rank = sparse_capacity([adapter], world["lm"].cfg)
-    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
-                    EngineConfig(max_loras=1, max_lora_rank=8, max_sparse_rank=sparse_rank, max_block_rank=block_rank,
-                                 **ENGINE), warmup=False, progress=False)
-    eng.add_adapter(adapter)
-    return eng
+        _engine(world, ["blocks"], 1), [(prompt, LoraRequest.make(["blocks"]))])[0]
 
 
 def test_a_slot_taken_over_by_another_kind_serves_only_its_new_adapter(world):
     """One slot, adapters of three kinds taking turns in it: a write fills only the new adapter's
     own tables (registry._write_slot), so stale rows of the others stay behind, never read; every
     turn's tokens equal an engine that only ever held that adapter."""
-    adapters = world["adapters"]
-    sparse_rank, block_rank = sparse_capacity(list(adapters.values()), world["lm"].cfg)
-    eng = LLMEngine(world["lm"].model, world["lm"].cfg, None,
-                    EngineConfig(max_loras=1, max_lora_rank=8, max_sparse_rank=sparse_rank, max_block_rank=block_rank,
-                                 **ENGINE), warmup=False, progress=False)
-    for a in adapters.values():
-        eng.add_adapter(a)
+    eng = _engine(world, world["adapters"], 1)
     prompt = list(range(7, 40))
     turns = ["blocks", "lora", "shira", "blocks", "rosa", "lora"]
     got = [_serve(eng, [(prompt, LoraRequest.make([n]))])[0] for n in turns]
     assert eng.lora.evictions == len(turns) - 1
     block_rows = np.asarray(jax.tree.leaves(eng.lora.sparse_tables["block"])[1][:, 0])
     assert block_rows.any()  # "lora" holds the slot; the last block adapter's values stayed
-    alone = {n: _serve(_one_engine(world, n), [(prompt, LoraRequest.make([n]))])[0] for n in set(turns)}
+    alone = {n: _serve(_engine(world, [n], 1), [(prompt, LoraRequest.make([n]))])[0] for n in set(turns)}
     assert got == [alone[n] for n in turns]
     assert len({tuple(t) for t in got}) >= 3
