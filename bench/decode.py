@@ -3,6 +3,7 @@
     python bench/decode.py MODEL.gguf [MODEL.gguf ...]
     python bench/decode.py --make qwen3-0.6b --qtype F16 Q8_0      # random-weight models it creates
     python bench/decode.py MODEL.gguf --quantization none int8 int4 keep keep8   # one row per weight mode
+    python bench/decode.py MODEL.gguf --quantization int8 --kv-cache-dtype float32 bfloat16   # ... and KV dtype
 
 Prefill: one fresh `--n-prompt`-token prompt (llama-bench's pp512). Decode: greedy batch-1
 generation right after it, timed over the `--n-gen` - 1 steps after the first token (the first
@@ -31,14 +32,14 @@ def log(msg: str) -> None:
 
 
 def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype: str,
-                  quantization: str = "none") -> dict:
+                  quantization: str = "none", kv_cache_dtype: str = "auto") -> dict:
     import hyprjax
 
     t0 = time.perf_counter()
     # No prefix cache: every repeat prefills the same prompt, which would otherwise be served from
     # the pages of the warm-up run (prefill "measured" at 4-5x its real speed).
     llm = hyprjax.LLM(path, dtype=dtype, max_model_len=len(prompt) + n_gen + 16, enable_prefix_caching=False,
-                      quantization=quantization)
+                      quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     load_s = time.perf_counter() - t0
 
     def timed(max_tokens: int):
@@ -64,6 +65,7 @@ def bench_hyprjax(path: str, prompt: list[int], n_gen: int, repeats: int, dtype:
     cfg, weights = read_config(Path(path))
     mode = resolve_mode(quantization, weights)
     return dict(engine="hyprjax", dtype=dtype, quantization=mode, param_bytes=device_bytes(cfg, mode, 4, weights),
+                kv_cache_dtype=llm.engine().ecfg.kv_cache_dtype,
                 prefill_tok_s=len(prompt) / p, decode_tok_s=(n_gen - 1) / (t - p),
                 load_s=load_s, warmup_s=compile_s, tokens=tokens)
 
@@ -97,7 +99,7 @@ def text_prompt(path: str, n_prompt: int) -> list[int]:
 
 
 def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int, dtype: str,
-        text: bool = False, quantizations=("none",)) -> list[dict]:
+        text: bool = False, quantizations=("none",), kv_dtypes=("auto",)) -> list[dict]:
     from hyprjax.formats.gguf_read import GGUFFile
 
     rows = []
@@ -113,9 +115,9 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
         except LlamaCppError as e:
             log(f"llama.cpp unavailable: {e}")
             theirs = None
-        for quantization in quantizations:
-            log(f"{name}: hyprjax ({dtype}, quantization {quantization}) ...")
-            ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype, quantization)
+        for quantization, kv in ((q, kv) for q in quantizations for kv in kv_dtypes):
+            log(f"{name}: hyprjax ({dtype}, quantization {quantization}, KV cache {kv}) ...")
+            ours = bench_hyprjax(path, prompt, n_gen, repeats, dtype, quantization, kv)
             row = dict(model=name, weight_types=types, n_prompt=n_prompt, n_gen=n_gen,
                        prompt="text" if text else "random ids", hyprjax=ours, llamacpp=theirs)
             if theirs:
@@ -127,16 +129,17 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | hyprjax weights | params MiB | hyprjax prefill tok/s | llama.cpp prefill tok/s | ratio | hyprjax decode tok/s "
-             "| llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | weights | hyprjax weights | KV cache | params MiB | hyprjax prefill tok/s | llama.cpp prefill tok/s "
+             "| ratio | hyprjax decode tok/s | llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h, l = r["hyprjax"], r["llamacpp"] or {}
         agree = r.get("greedy_agreement")
         agree = f"{agree['common_prefix']}/{agree['of']}" if agree else "-"
         mode = h.get("quantization", "none")
         mine = h.get("dtype", "float32") if mode == "none" else mode
-        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h.get('param_bytes', 0) / 2**20:,.0f} | "
+        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h.get('kv_cache_dtype', 'float32')} | "
+                     f"{h.get('param_bytes', 0) / 2**20:,.0f} | "
                      f"{h['prefill_tok_s']:.1f} | "
                      f"{l.get('prefill_tok_s', float('nan')):.1f} | {r.get('prefill_ratio', float('nan')):.2f} | "
                      f"{h['decode_tok_s']:.2f} | {l.get('decode_tok_s', float('nan')):.2f} | "
@@ -155,7 +158,8 @@ def plot(rows: list[dict], out: Path) -> None:
         log("matplotlib not installed (pip install -e '.[bench]'): no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [f'{r["model"].removesuffix(".gguf")}\n{r["hyprjax"].get("quantization", "none")}' for r in rows]
+    names = [f'{r["model"].removesuffix(".gguf")}\n{r["hyprjax"].get("quantization", "none")}, KV '
+             f'{r["hyprjax"].get("kv_cache_dtype", "float32")}' for r in rows]
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tok/s"), (axes[1], "decode_tok_s", "decode tok/s")):
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["hyprjax"][key] for r in rows], 0.4, label="hyprjax")
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["auto", "none", "int8", "int4", "keep", "keep8"],
                     help="hyprjax's weight modes, a row each (hyprjax/quant.py); none: floats as --dtype")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                    help="hyprjax's KV cache dtypes, a row each per weight mode (auto: bfloat16 for quantized "
+                         "weights, else float32)")
     ap.add_argument("--text", action="store_true",
                     help="prompt with real English text (tokenized by the model) instead of random token ids")
     ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))
@@ -197,7 +204,8 @@ def main(argv=None) -> int:
             paths.append(str(out))
     if not paths:
         ap.error("give GGUF files or --make SHAPE")
-    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype, args.text, args.quantization)
+    rows = run(paths, args.n_prompt, args.n_gen, args.repeats, args.threads, args.dtype, args.text, args.quantization,
+               args.kv_cache_dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:  # keep the JSON readable: token lists go, the agreement stays

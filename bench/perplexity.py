@@ -1,6 +1,7 @@
 """Perplexity of a model on English text, per weight mode (float32 against --quantization int8, int4, keep, ...).
 
-    python bench/perplexity.py [MODEL] [--quantization none int8] [--tokens 4096] [--window 512]
+    python bench/perplexity.py [MODEL] [--quantization none int8] [--kv-cache-dtype float32 bfloat16]
+                               [--tokens 4096] [--window 512]
 
 The text is the English prose of Python's own reference documentation (`pydoc_data.topics`,
 installed with every CPython, so the measurement needs no download): its first `--tokens`
@@ -32,17 +33,26 @@ def english_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def score(path: str, quantization: str, ids: list[int], window: int) -> dict:
+def score(path: str, quantization: str, ids: list[int], window: int, kv_cache_dtype: str = "float32") -> dict:
+    """Perplexity of one weight mode. The whole window runs as one forward pass (no KV cache);
+    kv_cache_dtype "bfloat16" rounds each layer's K and V to bfloat16 before attention, which is
+    exactly what the engine's bfloat16 cache feeds attention (queries stay float32)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from hyprjax.formats.load import load_model
+    from hyprjax.model import causal_attention
+
+    def attention(q, k, v, *a, **kw):
+        if kv_cache_dtype == "bfloat16":
+            k, v = (x.astype(jnp.bfloat16).astype(x.dtype) for x in (k, v))
+        return causal_attention(q, k, v, *a, **kw)
 
     t0 = time.perf_counter()
     loaded = load_model(path, quantization=quantization, with_tokenizer=False, progress=False)
     model = loaded.model
-    forward = jax.jit(lambda t, p: jax.nn.log_softmax(model(t, p)[0][0], axis=-1))
+    forward = jax.jit(lambda t, p: jax.nn.log_softmax(model(t, p, attention=attention)[0][0], axis=-1))
     positions = jnp.arange(window, dtype=jnp.int32)[None]
     nll, n = 0.0, 0
     windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
@@ -50,8 +60,9 @@ def score(path: str, quantization: str, ids: list[int], window: int) -> dict:
         logp = np.asarray(forward(jnp.asarray([w], jnp.int32), positions))
         nll -= float(np.sum(logp[np.arange(window - 1), w[1:]]))
         n += window - 1
-        log(f"{quantization}: window {k + 1}/{len(windows)}, running perplexity {math.exp(nll / n):.4f}")
-    return dict(quantization=quantization, perplexity=math.exp(nll / n), tokens_scored=n,
+        log(f"{quantization} (KV {kv_cache_dtype}): window {k + 1}/{len(windows)}, running perplexity "
+            f"{math.exp(nll / n):.4f}")
+    return dict(quantization=quantization, kv_cache_dtype=kv_cache_dtype, perplexity=math.exp(nll / n), tokens_scored=n,
                 seconds=time.perf_counter() - t0)
 
 
@@ -59,6 +70,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="a .gguf file or HF directory (default: the default model)")
     ap.add_argument("--quantization", nargs="+", default=["none", "int8"])
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="K/V precision attention reads, a row each per weight mode (the engine's --kv-cache-dtype)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--out", default=str(HERE / "results" / "perplexity.json"))
@@ -71,17 +84,19 @@ def main(argv=None) -> int:
     ids = tok.encode(english_text())[:args.tokens]
     if len(ids) < args.window:
         ap.error(f"the text has {len(ids)} tokens, fewer than --window {args.window}")
-    rows = [score(path, q, ids, args.window) for q in args.quantization]
+    rows = [score(path, q, ids, args.window, kv) for q in args.quantization for kv in args.kv_cache_dtype]
     base = rows[0]["perplexity"]
     for r in rows:
         r["change_vs_first"] = r["perplexity"] / base - 1.0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(command=" ".join(sys.argv), model=path, rows=rows), indent=2))
-    print(f"| weights | perplexity | change vs {rows[0]['quantization']} | tokens scored |")
-    print("|---|---:|---:|---:|")
+    first = f"{rows[0]['quantization']}, KV {rows[0]['kv_cache_dtype']}"
+    print(f"| weights | KV cache | perplexity | change vs {first} | tokens scored |")
+    print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['quantization']} | {r['perplexity']:.4f} | {100 * r['change_vs_first']:+.2f}% | {r['tokens_scored']} |")
+        print(f"| {r['quantization']} | {r['kv_cache_dtype']} | {r['perplexity']:.4f} | {100 * r['change_vs_first']:+.2f}% | "
+              f"{r['tokens_scored']} |")
     log(f"wrote {out}")
     return 0
 

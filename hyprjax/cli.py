@@ -13,6 +13,7 @@ import sys
 import time
 
 from .compile_cache import ENV_VAR
+from .engine.config import KV_CACHE_DTYPES
 from .errors import HyprjaxError
 from .quant import MODES
 from .serve.main import positive_int
@@ -35,6 +36,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "for a quantized GGUF, else none")
     p.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="context length in tokens (prompt + output); default: the model's own")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="the KV cache's dtype: float32, bfloat16 (half the memory per token; on CPU a faster "
+                        "decode at long contexts), or auto (default): bfloat16 when the weights are quantized or "
+                        "computed in bfloat16, float32 for a float32 model")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                    help="split the model over N devices (tensor parallelism; default 1: one device)")
@@ -268,7 +273,7 @@ def _load(args):
     print(f"loading {_model_arg(args)} ...", file=sys.stderr)
     return LLM(_model_arg(args), dtype=args.dtype, max_model_len=args.max_model_len,
                compile_cache=args.compile_cache, tensor_parallel=args.tensor_parallel,
-               quantization=args.quantization, **spec_options(args))
+               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, **spec_options(args))
 
 
 def cmd_info(args) -> int:
@@ -385,6 +390,7 @@ def cmd_serve(args) -> int:
                         max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                         max_queue=args.max_queue, max_loras=max_loras, max_lora_rank=max_rank,
                         lora_quantization=args.lora_quantization, adapter_dtype=args.adapter_dtype,
+                        kv_cache_dtype=args.kv_cache_dtype,
                         max_sparse_rank=sparse_rank, max_block_rank=block_rank, **spec_options(args))
     names = args.served_model_name or [served_name(_model_arg(args), loaded.path)]
     if args.merge_lora and args.merge_lora not in {n for n, _ in args.lora}:

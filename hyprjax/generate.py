@@ -41,12 +41,14 @@ class Generator:
     def __init__(self, model, cfg: ModelConfig, tokenizer, *, max_model_len: int | None = None,
                  max_batch: int = 32, max_loras: int = 0, max_lora_rank: int = 16, engine_config=None, mesh=None,
                  enable_prefix_caching: bool = True, lora_quantization: str = "none", max_sparse_rank: int = 0,
-                 max_block_rank: int = 0, speculation: dict | None = None, adapter_dtype: str = "auto"):
+                 max_block_rank: int = 0, speculation: dict | None = None, adapter_dtype: str = "auto",
+                 kv_cache_dtype: str = "auto"):
         self.model, self.cfg, self.tokenizer, self.mesh = model, cfg, tokenizer, mesh
         self.enable_prefix_caching = enable_prefix_caching
         self._want_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch, self.max_loras, self.max_lora_rank = max_batch, max_loras, max_lora_rank
         self.lora_quantization, self.adapter_dtype = lora_quantization, adapter_dtype
+        self.kv_cache_dtype = kv_cache_dtype
         self.sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
         self.speculation = speculation or {}  # EngineConfig's speculative fields
         self._config = engine_config
@@ -63,7 +65,8 @@ class Generator:
                 max_model_len=self._want_len, max_num_seqs=self.max_batch,
                 max_num_batched_tokens=max(256, self.max_batch), max_loras=self.max_loras,
                 max_lora_rank=self.max_lora_rank, lora_quantization=self.lora_quantization,
-                adapter_dtype=self.adapter_dtype, enable_prefix_caching=self.enable_prefix_caching,
+                adapter_dtype=self.adapter_dtype, kv_cache_dtype=self.kv_cache_dtype,
+                enable_prefix_caching=self.enable_prefix_caching,
                 **self.sparse_limits, **self.speculation)
             self._engine = LLMEngine(self.model, self.cfg, self.tokenizer, config, warmup=False, progress=False,
                                      mesh=self.mesh)

@@ -47,6 +47,9 @@ class LLM:
     dequantized into their device slot; "none" (the default) keeps them as floats.
     `adapter_dtype` is the device slot tables' dtype: "auto" (the model's compute dtype),
     "float32" or "bfloat16" (half the bytes per adapter a decode step reads; docs/lora.md).
+    `kv_cache_dtype` is the KV cache's: "float32", "bfloat16" (half the memory per cached token,
+    and on CPU a faster decode at long contexts; docs/cpu.md), or "auto" (the default): bfloat16
+    when the weights are quantized or computed in bfloat16, float32 for a float32 model.
     `speculative="ngram"` turns on speculative decoding with prompt-lookup drafts
     (`num_speculative_tokens` per step, n-grams of `ngram_min`..`ngram_max` tokens;
     hyprjax/engine/speculative.py), `speculative="draft:PATH"` with a smaller draft model that
@@ -60,7 +63,7 @@ class LLM:
                  enable_prefix_caching: bool = True, quantization: str = "auto", lora_quantization: str = "none",
                  max_sparse_rank: int = 0, max_block_rank: int = 0, speculative: str | None = None,
                  num_speculative_tokens: int = 7, ngram_min: int = 2, ngram_max: int = 4,
-                 adapter_dtype: str = "auto"):
+                 adapter_dtype: str = "auto", kv_cache_dtype: str = "auto"):
         from .adapters.quantized import check_lora_quantization
         from .compile_cache import enable_compile_cache  # before anything compiles: a DIR, False (off), None
 
@@ -68,7 +71,7 @@ class LLM:
         check_lora_quantization(lora_quantization)
         spec = dict(speculative=speculative, num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min,
                     ngram_max=ngram_max)
-        EngineConfig(**spec, adapter_dtype=adapter_dtype)  # a bad setting fails here, before the load
+        EngineConfig(**spec, adapter_dtype=adapter_dtype, kv_cache_dtype=kv_cache_dtype)  # bad settings fail here
         enable_compile_cache(compile_cache)
         loaded = load_model(model, dtype=resolve_dtype(dtype), progress=progress, quantization=quantization)
         self.cfg, self.tokenizer, self.path, self.format = loaded.cfg, loaded.tokenizer, loaded.path, loaded.format
@@ -77,7 +80,7 @@ class LLM:
             shard_model(loaded.model, loaded.cfg, mesh)
         self.generator = Generator(loaded.model, loaded.cfg, loaded.tokenizer, max_model_len=max_model_len,
                                    max_batch=max_batch, mesh=mesh, enable_prefix_caching=enable_prefix_caching,
-                                   speculation=spec, adapter_dtype=adapter_dtype)
+                                   speculation=spec, adapter_dtype=adapter_dtype, kv_cache_dtype=kv_cache_dtype)
         self._lora_limits = (max_loras, max_lora_rank, lora_quantization)
         self._sparse_limits = dict(max_sparse_rank=max_sparse_rank, max_block_rank=max_block_rank)
 

@@ -286,6 +286,12 @@ def _kept_bytes(weights, name: str, dout: int, din: int, mode: str, dtype_bytes:
     return dout * row
 
 
+def is_quantized(model) -> bool:
+    """Whether any matrix or the embedding of `model` sits quantized on the device (any mode but
+    none: int8, int4, keep, keep8)."""
+    return any(getattr(node, "qfmt", None) is not None for _, node in nnx.iter_graph(model))
+
+
 def quantize_model(model, mode: str) -> None:
     """Quantize a float model already in memory, in place, to `mode` "int8" or "int4" (loading
     packs as it reads instead: formats/load_packed.py). Stacked [L, ...] kernels quantize as one

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .lora import widen
+
 _BACKENDS = ("xla", "pallas")
 _SQ = pl.squeezed  # block dim of size 1, dropped from the kernel's ref
 
@@ -58,10 +60,10 @@ def _check_inputs(q, k_pages, v_pages, q_block_seq, q_positions, page_table, con
     if n % kh:
         bad("k_pages.shape", k_pages.shape, f"kv heads K={kh} must divide q heads N={n}")
     for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            bad(f"{name}.dtype", x.dtype, "must be floating")
-    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
-        bad("k_pages.dtype", (k_pages.dtype, v_pages.dtype), f"must equal q.dtype {q.dtype}")
+        if not jnp.issubdtype(x.dtype, jnp.floating) and not (name != "q" and x.dtype == jnp.uint16):
+            bad(f"{name}.dtype", x.dtype, "must be floating" + ("" if name == "q" else " (or uint16 bfloat16 bits)"))
+    if k_pages.dtype != v_pages.dtype:
+        bad("v_pages.dtype", v_pages.dtype, f"must equal k_pages.dtype {k_pages.dtype}")
     if not isinstance(block_q, int) or block_q < 1 or t % block_q:
         bad("block_q", block_q, f"must be a positive int dividing T={t}")
     if page_table.ndim != 2:
@@ -193,7 +195,10 @@ def ref_paged_attention(q, k_pages, v_pages, q_block_seq, q_positions, page_tabl
                                      sliding_window=sliding_window)
     # A stacked pool is indexed [layer, page] directly, never reshaped to [L * P, ...]: on
     # XLA:CPU the reshape made the pool a new value and every layer copied it.
-    read = (lambda pool, ids: pool[ids]) if layer is None else (lambda pool, ids: pool[layer, ids])
+    # Each gathered block is widened to q's dtype: a pool may hold a narrower float, or uint16
+    # bfloat16 bits (hyprjax/engine/paged.py `kv_storage_dtype` says why bits on XLA:CPU).
+    read = (lambda pool, ids: widen(pool[ids]).astype(q.dtype)) if layer is None else (
+        lambda pool, ids: widen(pool[layer, ids]).astype(q.dtype))
     qg = q.reshape(nb, block_q, kh, g, h)
     qpos = q_positions.reshape(nb, 1, 1, block_q, 1)
     span = jnp.arange(block_kv)
@@ -240,8 +245,8 @@ def naive_paged_attention(q, k_pages, v_pages, q_block_seq, q_positions, page_ta
     _, page_size, kh, _ = k_pages.shape
     seq = jnp.repeat(q_block_seq, block_q)  # [T]
     rows = jnp.clip(page_table[jnp.maximum(seq, 0)], 0, k_pages.shape[0] - 1)  # [T, max_pages]
-    k = k_pages[rows].reshape(t, -1, kh, h).astype(jnp.float32)  # [T, S, K, H]
-    v = v_pages[rows].reshape(t, -1, kh, h).astype(jnp.float32)
+    k = widen(k_pages[rows]).reshape(t, -1, kh, h)  # [T, S, K, H] float32
+    v = widen(v_pages[rows]).reshape(t, -1, kh, h)
     k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)  # [T, S, N, H]
     s = _logits(jnp.einsum("tnh,tsnh->tns", q.astype(jnp.float32), k,
                            precision="highest"), scale, softcap)
@@ -271,8 +276,8 @@ def _gpu_kernel(lo_ref, hi_ref, ctx_ref, win_ref, pages_ref, pos_ref, q_ref, k_r
     def body(j, carry):
         m, l, acc = carry
         ids = pages_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_ref[ids].reshape(block_kv, h)
-        v = v_ref[ids].reshape(block_kv, h)
+        k = k_ref[ids].reshape(block_kv, h).astype(q.dtype)  # a pool may be narrower than q
+        v = v_ref[ids].reshape(block_kv, h).astype(q.dtype)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
         mask = _visible(kv_pos, pos, ctx, sliding_window)
@@ -355,8 +360,8 @@ def _tpu_kernel(lo_ref, hi_ref, ctx_ref, pages_ref, win_ref, pos_ref, q_ref, *re
 
     @pl.when((j >= lo_ref[b]) & (j < hi_ref[b]))
     def _step():
-        k = jnp.concatenate([r[...] for r in k_refs], axis=0)  # [block_kv, K*H]
-        v = jnp.concatenate([r[...] for r in v_refs], axis=0)
+        k = jnp.concatenate([r[...] for r in k_refs], axis=0).astype(q_ref.dtype)  # [block_kv, K*H]
+        v = jnp.concatenate([r[...] for r in v_refs], axis=0).astype(q_ref.dtype)
         kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
         mask = _visible(kv_pos, pos_ref[...], ctx_ref[b], sliding_window)
         for i in range(kh):  # static: kv head i's columns are a lane-aligned slice
@@ -450,6 +455,8 @@ def paged_attention(q, k_pages, v_pages, q_block_seq, q_positions, page_table, c
     `layer` i32[] the layer to read; q_block_seq i32[T // block_q] (row of page_table, -1 =
     padding block); q_positions i32[T] (-1 = padding token); page_table i32[S, max_pages];
     context_lens i32[S]; sliding_window None, an int, or an i32[] array (per-layer data).
+    The pools may hold a narrower float than q (a bfloat16 KV cache under a float32 model), or on
+    the XLA path uint16 bfloat16 bits; each block read is widened to q's dtype.
     Returns f[T, N, H] in q.dtype; padding rows are 0 (with `return_pool`, (out, k_pages,
     v_pages): use the returned pools from then on; see `ref_paged_attention`). backend "xla"
     runs `ref_paged_attention`, "pallas" the kernel (`interpret=True` on CPU).
@@ -489,6 +496,9 @@ def _dispatch(q, k_pages, v_pages, q_block_seq, q_positions, page_table, context
         return ref_paged_attention(*args, scale=scale, block_q=block_q,
                                    sliding_window=sliding_window, softcap=softcap,
                                    block_kv=block_kv, layer=layer, return_pool=return_pool)
+    if k_pages.dtype == jnp.uint16:
+        raise ValueError("paged_attention: uint16 (bfloat16 bits) pools are the XLA path's; the Pallas kernels "
+                         "take bfloat16 pools")
     # The Pallas flavour follows the platform: Mosaic TPU on TPU, else the GPU (Triton) kernel,
     # which is also the one `interpret=True` runs on CPU.
     on_tpu = jax.default_backend() == "tpu"

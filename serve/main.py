@@ -73,8 +73,9 @@ def default_kv_help(page_size: int = DEFAULT_PAGE_SIZE) -> str:
     except Exception:  # help text must never fail: a missing or broken default model just drops the count
         cfg = None
     if cfg is not None:
-        tokens = CPU_DEFAULT_BYTES // page_bytes(cfg, page_size, 4) * page_size  # f32: the CPU default dtype
-        cpu += f" = {tokens:,} tokens of the default model ({path.stem}, float32)"
+        # bfloat16: the KV dtype --kv-cache-dtype auto picks for the default model's quantized weights
+        tokens = CPU_DEFAULT_BYTES // page_bytes(cfg, page_size, 2) * page_size
+        cpu += f" = {tokens:,} tokens of the default model ({path.stem}, bfloat16 KV cache)"
     return f"{cpu}; {ACCELERATOR_DEFAULT_FRACTION:g} of free memory on GPU/TPU"
 
 

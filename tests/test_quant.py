@@ -212,9 +212,14 @@ def test_quantized_logits_match_transformers_on_the_same_values(pair):
 def test_quantized_engine_greedy_tokens_equal_transformers(pair):
     """Through the paged engine (one decode row: the fused one-row matmul; the prefill: blocked)."""
     _, hf, ours = pair
-    eng = LLMEngine(ours.model, ours.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4), warmup=False,
-                    progress=False)
-    assert eng.runner.cache.k.dtype == jnp.float32  # the pool follows the activations, not the packed weights
+    auto = LLMEngine(ours.model, ours.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4), warmup=False,
+                     progress=False)
+    # quantized weights: kv_cache_dtype auto keeps a bfloat16 cache (uint16 bits on the XLA path)
+    assert auto.ecfg.kv_cache_dtype == "bfloat16" and auto.runner.cache.k.dtype == jnp.uint16
+    # the weights' exactness is checked with a float32 cache, which follows the activations
+    eng = LLMEngine(ours.model, ours.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_dtype="float32"),
+                    warmup=False, progress=False)
+    assert eng.runner.cache.k.dtype == jnp.float32
     eng.add_request(PROMPT, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     got = []
     while eng.has_unfinished():

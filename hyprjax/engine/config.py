@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from .memory import check_kv_memory
 
 ADAPTER_DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def draft_source(speculative) -> str | None:
@@ -51,6 +52,10 @@ class EngineConfig:
     # | float32 | bfloat16. bfloat16 halves the bytes a decode step reads per adapter pair
     # (docs/lora.md measures what that buys on CPU and what it costs in precision)
     adapter_dtype: str = "auto"
+    # the KV cache's dtype: auto (bfloat16 when the model computes in bfloat16 or its weights are
+    # quantized, else float32: engine/paged.py `resolve_kv_dtype`) | float32 | bfloat16 (half the
+    # pool's bytes per token: twice the context in the same memory, and on CPU a faster decode)
+    kv_cache_dtype: str = "auto"
     # speculative decoding (engine/speculative.py): None (off) | "ngram" (prompt lookup) |
     # "draft:PATH" (a draft model sharing the target's tokenizer, engine/spec_draft.py); K drafts
     # per sequence and step, from n-grams of ngram_min..ngram_max tokens; verify steps run only
@@ -90,6 +95,9 @@ class EngineConfig:
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(f"engine setting adapter_dtype={self.adapter_dtype!r} is not one of "
                               f"{', '.join(ADAPTER_DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"engine setting kv_cache_dtype={self.kv_cache_dtype!r} is not one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.attention_backend not in ("auto", "xla", "pallas"):
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of auto, xla, pallas")
         if self.speculative not in (None, "ngram") and not draft_source(self.speculative):

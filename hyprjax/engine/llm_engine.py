@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,9 @@ from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig, draft_source
+from ..quant import is_quantized
 from .memory import kv_pool_pages, page_bytes as kv_page_bytes
+from .paged import resolve_kv_dtype
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -126,8 +128,11 @@ class LLMEngine:
                  warmup: bool = True, progress: bool = True, interpret: bool = False, mesh=None):
         self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype = model.compute_dtype  # of the KV pool and adapter slots (weights may be int8)
-        dtype_bytes = jnp.dtype(dtype).itemsize
+        dtype = model.compute_dtype  # of the adapter slots (weights may be int8)
+        # the KV cache's dtype, resolved once here so the draft model's pool (if any) matches
+        ecfg = replace(ecfg, kv_cache_dtype=resolve_kv_dtype(ecfg.kv_cache_dtype, dtype, is_quantized(model)))
+        self.ecfg = ecfg
+        dtype_bytes = jnp.dtype(ecfg.kv_cache_dtype).itemsize
         draft = load_draft(ecfg, tokenizer, cfg, dtype) if draft_source(ecfg.speculative) else None
         draft_page = 0 if draft is None else kv_page_bytes(draft.cfg, ecfg.page_size, dtype_bytes)
         num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh),
@@ -155,9 +160,9 @@ class LLMEngine:
                                   lora_tables=(lambda: reg.tables) if reg is not None else None,
                                   sparse_tables=(lambda: reg.sparse_tables) if reg is not None else None,
                                   slot_parts=reg.parts if reg is not None else None)
-        log.info("KV pool: %d pages of %d tokens (%.1f MiB%s); context %d tokens per request", num_pages,
-                 ecfg.page_size, num_pages * page_bytes / 2**20, ", the draft model's included" if draft else "",
-                 self.max_model_len)
+        log.info("KV pool: %d pages of %d tokens (%.1f MiB of %s%s); context %d tokens per request", num_pages,
+                 ecfg.page_size, num_pages * page_bytes / 2**20, ecfg.kv_cache_dtype,
+                 ", the draft model's included" if draft else "", self.max_model_len)
         self._draft_len = self.max_model_len  # drafts stop at the draft model's own context
         spec_draft = None
         if draft is not None:

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..kernels.lora import LoraPairs
+from ..quant import is_quantized
 from ..sharding import kernel_sharding, shard_params, step_shardings
-from .paged import LoraStep, PagedMeta, init_kv_pool
+from .paged import LoraStep, PagedMeta, init_kv_pool, kv_storage_dtype, resolve_kv_dtype
 from ..sampling import SamplingArrays, SamplingParams
 from .config import EngineConfig
 from .step import SpecInputs, StepInputs, fused_step, layerwise_step, split_layerwise
@@ -109,7 +110,9 @@ class ModelRunner:
         self.num_pages, self.page_size = num_pages, ecfg.page_size
         self.max_pages = -(-max_model_len // ecfg.page_size)
         self.backend, self.interpret = backend, interpret
-        self._kv_dtype = dtype
+        # the pool's storage type: uint16 for bfloat16 values on the XLA path (paged.kv_storage_dtype)
+        self.kv_dtype = resolve_kv_dtype(ecfg.kv_cache_dtype, dtype, is_quantized(model))
+        self._kv_dtype = kv_storage_dtype(self.kv_dtype, backend)
         self.shardings = step_shardings(cfg, mesh, num_pages, ecfg.page_size, ecfg.max_num_seqs)
         self._kernel_sharding = kernel_sharding(cfg, mesh)
         self.reset_state()

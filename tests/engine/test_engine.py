@@ -143,3 +143,30 @@ def test_abort_frees_pages_and_bad_requests_are_refused(engine):
         engine.add_request([5] * 250, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request([5, 999], SamplingParams())
+
+
+def test_bfloat16_kv_cache_holds_twice_the_tokens_and_stays_near_transformers(tiny, engine):
+    """kv_cache_dtype="bfloat16" under a float32 model: the XLA path stores the pool as uint16
+    bits, a budget holds twice the pages, and the logprobs stay within bfloat16 rounding of
+    transformers' (each chosen token within that of the best); a float32 model's "auto" keeps
+    float32 (the tests above hold at 1e-4)."""
+    hf, lm = tiny
+    budget = dict(BASE, kv_cache_memory=2**20)
+    f32 = LLMEngine(lm.model, lm.cfg, None, EngineConfig(**budget), progress=False, warmup=False)
+    bf16 = LLMEngine(lm.model, lm.cfg, None, EngineConfig(**budget, kv_cache_dtype="bfloat16"), progress=False,
+                     warmup=False)
+    assert engine.runner.kv_dtype == engine.ecfg.kv_cache_dtype == f32.ecfg.kv_cache_dtype == "float32"
+    assert engine.runner.cache.k.dtype == np.float32
+    assert bf16.ecfg.kv_cache_dtype == "bfloat16" and bf16.runner.cache.k.dtype == np.uint16
+    assert 2 * f32.runner.num_pages <= bf16.runner.num_pages <= 2 * f32.runner.num_pages + 1  # floor(budget / page)
+    prompt = _prompts(1, seed=4, lo=40, hi=41)[0]
+    [(tokens, lps)] = _serve(bf16, [prompt], GREEDY, logprobs=3)
+    ref = hf_logits(hf, prompt + tokens)
+    ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    worst = 0.0
+    for i, lp in enumerate(lps):
+        row = ref[len(prompt) - 1 + i]
+        assert lp.token_id == tokens[i] and row[tokens[i]] >= row.max() - 2e-2
+        np.testing.assert_allclose(lp.logprob, row[tokens[i]], atol=2e-2)
+        worst = max(worst, abs(lp.logprob - row[tokens[i]]))
+    assert worst > 1e-6  # the bfloat16 rounding is really there

@@ -130,9 +130,9 @@ def test_serve_help_counts_the_default_pool_in_tokens(monkeypatch, tmp_path, cap
         text = _serve_help(capsys)
     finally:
         serve_main.default_kv_help.cache_clear()
-    tokens = 192 * 2**20 // 16384 * 16
+    tokens = 192 * 2**20 // 8192 * 16  # a bfloat16 page of TINY: 2 x 2 x 16 x 2 x 32 x 2 bytes
     assert (f"default: 192 MiB on CPU = {tokens:,} tokens of the default model (smollm2-135m-instruct-q4_1, "
-            "float32)") in text
+            "bfloat16 KV cache)") in text
     assert "0.9 of free memory on GPU/TPU" in text and "fraction of free memory (0.25)" in text
 
 
@@ -152,9 +152,10 @@ def test_serve_help_on_the_real_default_model(capsys):
 
     assert default_model_path() == SMOLLM2.cached  # fetched on first use, as `hyprjax serve` does
     serve_main.default_kv_help.cache_clear()
-    # SmolLM2-135M: 30 layers x 3 kv heads x head dim 64; a 16-token f32 page is 2 x 30 x 16 x 3 x 64 x 4 =
-    # 737,280 bytes, and 192 MiB holds 273 of them: 4,368 tokens
-    assert "192 MiB on CPU = 4,368 tokens of the default model" in _serve_help(capsys)
+    # SmolLM2-135M: 30 layers x 3 kv heads x head dim 64; a 16-token page of its bfloat16 cache (the
+    # KV dtype auto picks for quantized weights) is 2 x 30 x 16 x 3 x 64 x 2 = 368,640 bytes, and
+    # 192 MiB holds 546 of them: 8,736 tokens
+    assert "192 MiB on CPU = 8,736 tokens of the default model" in _serve_help(capsys)
 
 
 def test_tensor_parallel_pages_follow_the_kv_split(monkeypatch):
@@ -199,3 +200,29 @@ def test_kv_shards_is_the_mesh_size_only_when_kv_heads_divide():
     assert kv_shards(TINY, two) == 2  # 2 kv heads over 2 devices
     assert kv_shards(TINY, four) == 1  # 2 kv heads do not split 4 ways: the pool is replicated
     assert kv_shards(dataclasses.replace(TINY, num_heads=8, num_kv_heads=4), four) == 4
+
+
+@pytest.mark.parametrize("setting, compute, quantized, want", [
+    ("auto", "float32", False, "float32"), ("auto", "float32", True, "bfloat16"),
+    ("auto", "bfloat16", False, "bfloat16"), ("float32", "bfloat16", True, "float32"),
+    ("bfloat16", "float32", False, "bfloat16"),
+])
+def test_kv_cache_dtype_resolves(setting, compute, quantized, want):
+    from hyprjax.engine.paged import kv_storage_dtype, resolve_kv_dtype
+
+    assert resolve_kv_dtype(setting, compute, quantized) == want
+    bits = want == "bfloat16"
+    assert kv_storage_dtype(want, "xla") == ("uint16" if bits else want)  # bfloat16 bits on the XLA path
+    assert kv_storage_dtype(want, "pallas") == want
+
+
+def test_kv_cache_dtype_is_checked_and_reaches_the_cli(capsys):
+    with pytest.raises(ConfigError, match="kv_cache_dtype='float16'"):
+        EngineConfig(kv_cache_dtype="float16")
+    p = build_parser()
+    for command in (["serve"], ["generate", "-p", "x"], ["chat"]):
+        assert p.parse_args(command + ["--kv-cache-dtype", "bfloat16"]).kv_cache_dtype == "bfloat16"
+        assert p.parse_args(command).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["serve", "--kv-cache-dtype", "int8"])
+    assert e.value.code == 2 and "int8" in capsys.readouterr().err

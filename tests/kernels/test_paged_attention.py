@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hyprjax.kernels.lora import bf16_bits
 from hyprjax.kernels.paged_attention import (_pallas_gpu, _pallas_tpu, naive_paged_attention,
                                              paged_attention)
 
@@ -94,6 +95,28 @@ def test_matches_naive(case, impl):
     assert np.abs(np.asarray(want, np.float32)[~pad]).min() > 0  # inputs were never zero
 
 
+@pytest.mark.parametrize("impl, pool", [(impl, pool) for impl in IMPLS for pool in ("bfloat16", "bits")
+                                        if pool == "bfloat16" or impl.startswith("xla")])  # bits: XLA only
+@pytest.mark.parametrize("block_q", [1, 8])
+def test_a_narrower_pool_reads_as_its_widened_values(block_q, pool, impl):
+    """A bfloat16 KV cache under float32 queries (engine `kv_cache_dtype`): each implementation
+    equals float32 attention over the pool's values widened, to float32 tolerance. "bits" is the
+    XLA path's uint16 storage of the same values (engine/paged.py `kv_storage_dtype`)."""
+    ps = 8
+    seqs = decode(ps) if block_q == 1 else prefill(ps, block_q)
+    args = list(make_case(np.random.default_rng(11), seqs=seqs, block_q=block_q, page_size=ps, kv_heads=2,
+                          group=2, dtype=jnp.float32))
+    narrow = [args[i].astype(jnp.bfloat16) for i in (1, 2)]
+    kw = dict(scale=H ** -0.5, block_q=block_q, sliding_window=None, softcap=None)
+    want = naive_paged_attention(args[0], *[a.astype(jnp.float32) for a in narrow], *args[3:], **kw)
+    stored = [bf16_bits(a) for a in narrow] if pool == "bits" else narrow
+    got = IMPLS[impl]([args[0], *stored, *args[3:]], kw, ps)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, **TOL[jnp.float32])
+    # and the rounding is really there: float32 pools give a different answer
+    assert np.abs(np.asarray(want) - np.asarray(naive_paged_attention(*args, **kw))).max() > 1e-4
+
+
 STACKED_IMPLS = {  # a stacked [L, P, ...] pool, the layer and the window passed as traced arrays
     "xla": lambda a, kw, layer, win: paged_attention(*a, **kw, layer=layer, sliding_window=win),
     "pallas-gpu": lambda a, kw, layer, win: paged_attention(*a, **kw, layer=layer, sliding_window=win,
@@ -146,7 +169,9 @@ def _ok_args():
 @pytest.mark.parametrize("change, kwargs, match", [
     (lambda a: a.__setitem__(0, a[0][..., :8]), {}, "k_pages.shape"),
     (lambda a: a.__setitem__(2, a[2][:, :4]), {}, "v_pages.shape"),
-    (lambda a: a.__setitem__(0, a[0].astype(jnp.bfloat16)), {}, "k_pages.dtype"),
+    (lambda a: a.__setitem__(2, a[2].astype(jnp.bfloat16)), {}, "v_pages.dtype"),
+    (lambda a: (a.__setitem__(1, a[1].astype(jnp.int32)), a.__setitem__(2, a[2].astype(jnp.int32))), {},
+     "k_pages.dtype"),
     (lambda a: a.__setitem__(4, a[4][:-1]), {}, "q_positions.shape"),
     (lambda a: a.__setitem__(3, a[3].astype(jnp.float32)), {}, "q_block_seq.dtype"),
     (lambda a: a.__setitem__(6, a[6][:1]), {}, "context_lens.shape"),
@@ -165,23 +190,32 @@ def test_bad_inputs_name_the_argument(change, kwargs, match, backend):
         paged_attention(*args, **kw)
 
 
-def _abstract_args(dtype, block_q, t=16, n=8, kv_heads=2, head_dim=128):
+def test_pallas_refuses_a_bits_pool():
+    args = list(_ok_args())
+    args[1], args[2] = bf16_bits(args[1]), bf16_bits(args[2])
+    with pytest.raises(ValueError, match="uint16"):
+        paged_attention(*args, scale=0.25, block_q=2, backend="pallas", interpret=True)
+    paged_attention(*args, scale=0.25, block_q=2)  # the XLA path reads it
+
+
+def _abstract_args(dtype, block_q, t=16, n=8, kv_heads=2, head_dim=128, pool_dtype=None):
     s = jax.ShapeDtypeStruct
-    pool = s((30, 16, kv_heads, head_dim), dtype)  # pool and rows need not be powers of two
+    pool = s((30, 16, kv_heads, head_dim), pool_dtype or dtype)  # pool and rows need not be powers of two
     return (s((t, n, head_dim), dtype), pool, pool, s((t // block_q,), jnp.int32),
             s((t,), jnp.int32), s((4, 6), jnp.int32), s((4,), jnp.int32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype, pool_dtype", [(jnp.float32, None), (jnp.bfloat16, None),
+                                               (jnp.float32, jnp.bfloat16)])
 @pytest.mark.parametrize("block_q, window, softcap", [(1, None, None), (8, 32, 30.0)])
-def test_kernels_lower_for_gpu_and_tpu(dtype, block_q, window, softcap):
+def test_kernels_lower_for_gpu_and_tpu(dtype, pool_dtype, block_q, window, softcap):
     """Lowering without a device runs the Triton and Mosaic TPU Pallas lowerings (not ptxas or
     libtpu), which catches unsupported ops, non-power-of-two Triton tiles and ref indexing."""
     kw = dict(scale=0.125, block_q=block_q, sliding_window=window, softcap=softcap,
               block_kv=32, interpret=False)
     for impl, platform in ((_pallas_gpu, "cuda"), (_pallas_tpu, "tpu")):
         lowered = jax.jit(functools.partial(impl, **kw)).trace(
-            *_abstract_args(dtype, block_q)).lower(lowering_platforms=(platform,))
+            *_abstract_args(dtype, block_q, pool_dtype=pool_dtype)).lower(lowering_platforms=(platform,))
         assert "paged_attention" in lowered.as_text()
 
 
