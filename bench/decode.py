@@ -129,8 +129,9 @@ def run(paths: list[str], n_prompt: int, n_gen: int, repeats: int, threads: int,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | hyprjax weights | KV cache | params MiB | hyprjax prefill tok/s | llama.cpp prefill tok/s "
-             "| ratio | hyprjax decode tok/s | llama.cpp decode tok/s | ratio | greedy tokens equal (prefix) |",
+    lines = ["| model | weights | hyprjax weights | KV cache | params MiB | hyprjax prefill tok/s "
+             "| llama.cpp prefill tok/s | ratio | hyprjax decode tok/s | llama.cpp decode tok/s | ratio "
+             "| greedy tokens equal (prefix) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h, l = r["hyprjax"], r["llamacpp"] or {}
@@ -138,8 +139,8 @@ def table(rows: list[dict]) -> str:
         agree = f"{agree['common_prefix']}/{agree['of']}" if agree else "-"
         mode = h.get("quantization", "none")
         mine = h.get("dtype", "float32") if mode == "none" else mode
-        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | {h.get('kv_cache_dtype', 'float32')} | "
-                     f"{h.get('param_bytes', 0) / 2**20:,.0f} | "
+        lines.append(f"| {r['model']} | {'/'.join(r['weight_types'])} | {mine} | "
+                     f"{h.get('kv_cache_dtype', 'float32')} | {h.get('param_bytes', 0) / 2**20:,.0f} | "
                      f"{h['prefill_tok_s']:.1f} | "
                      f"{l.get('prefill_tok_s', float('nan')):.1f} | {r.get('prefill_ratio', float('nan')):.2f} | "
                      f"{h['decode_tok_s']:.2f} | {l.get('decode_tok_s', float('nan')):.2f} | "

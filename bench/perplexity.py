@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     print(f"| weights | KV cache | perplexity | change vs {first} | tokens scored |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['quantization']} | {r['kv_cache_dtype']} | {r['perplexity']:.4f} | {100 * r['change_vs_first']:+.2f}% | "
-              f"{r['tokens_scored']} |")
+        print(f"| {r['quantization']} | {r['kv_cache_dtype']} | {r['perplexity']:.4f} | "
+              f"{100 * r['change_vs_first']:+.2f}% | {r['tokens_scored']} |")
     log(f"wrote {out}")
     return 0
 

@@ -217,8 +217,9 @@ def test_quantized_engine_greedy_tokens_equal_transformers(pair):
     # quantized weights: kv_cache_dtype auto keeps a bfloat16 cache (uint16 bits on the XLA path)
     assert auto.ecfg.kv_cache_dtype == "bfloat16" and auto.runner.cache.k.dtype == jnp.uint16
     # the weights' exactness is checked with a float32 cache, which follows the activations
-    eng = LLMEngine(ours.model, ours.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_dtype="float32"),
-                    warmup=False, progress=False)
+    eng = LLMEngine(ours.model, ours.cfg, None,
+                    EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_dtype="float32"), warmup=False,
+                    progress=False)
     assert eng.runner.cache.k.dtype == jnp.float32
     eng.add_request(PROMPT, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     got = []

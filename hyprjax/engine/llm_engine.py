@@ -15,6 +15,7 @@ the engine is dead (`dead_reason`), and every later call raises `EngineDeadError
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -27,11 +28,11 @@ from ..adapters.registry import LoraRegistry, LoraRequest, PreparedMerge, Resolv
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
+from ..quant import is_quantized
 from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig, draft_source
-from ..quant import is_quantized
 from .memory import kv_pool_pages, page_bytes as kv_page_bytes
 from .paged import resolve_kv_dtype
 from .runner import ModelRunner, RowRequest
@@ -355,12 +356,16 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 return []
+            start = time.perf_counter()
             drafts = self._drafts(plan)
             if drafts is not None:
-                return self._verify_step(plan, drafts)
+                return self._verify_step(plan, drafts, start)
             scheduled = plan.decodes + plan.prefills
             rows = [self._row(s) for s in scheduled]
+            start = time.perf_counter()
             res = self.runner.run(rows[:len(plan.decodes)], rows[len(plan.decodes):])
+            if self.spec is not None and not plan.prefills:  # what a verify step is weighed against
+                self.spec.observe("plain", len(plan.decodes), time.perf_counter() - start)
             self.scheduler.update(plan)
         except Exception as e:
             raise self._recover(plan, e) from e
@@ -436,18 +441,21 @@ class LLMEngine:
                 drafts[i] = d
         return drafts if any(drafts) else None
 
-    def _verify_step(self, plan, drafts: list[list[int]]) -> list[RequestOutput]:
-        """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token."""
+    def _verify_step(self, plan, drafts: list[list[int]], start: float) -> list[RequestOutput]:
+        """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token.
+        `start`: when proposing began (a verify step's cost includes its drafts')."""
         try:
             rows = [self._row(s) for s in plan.decodes]
             res = self.runner.run_spec(list(zip(rows, drafts)), self.spec.k)
         except Exception as e:
             raise self._recover(plan, e) from e
+        n = len(plan.decodes)
+        self.spec.observe("verify", n, time.perf_counter() - start)
         self.spec.steps_total += 1
         outputs, failed, cause = [], [], None
         for i, s in enumerate(plan.decodes):
             a = int(res.accepted[i])
-            self.spec.record(s.seq.request_id, len(drafts[i]), a)
+            self.spec.record(s.seq.request_id, len(drafts[i]), a, n)
             s.num_tokens = 1 + a  # the last token and the accepted drafts now have their K/V
             try:
                 outputs.append(self._emit_tokens(s.seq, [int(t) for t in res.tokens[i, :a + 1]], res.logprob[i],

@@ -56,8 +56,9 @@ def resolve_kv_dtype(setting: str, compute_dtype, weights_quantized: bool) -> st
 
     Why bfloat16 for quantized models on CPU: a decode step reads every cached K/V of every
     layer, and at long contexts that is the step's largest read. Measured on the default model
-    (SmolLM2-135M, int8, 2-core EPYC, batch 1): 48-51 -> 82 tok/s at 1,024 tokens of context,
-    109 -> 121-135 at 128 (docs/cpu.md, "KV cache dtype"); and the pool holds twice the tokens.
+    (SmolLM2-135M, int8, 2-core EPYC, batch 1, bench/decode.py): 61 -> 95 tok/s with a 512-token
+    prompt, 29 -> 63 with 2,048 (docs/cpu.md, "KV cache dtype"); and the pool holds twice the
+    tokens.
     """
     if setting != "auto":
         return setting

@@ -22,13 +22,18 @@ When it runs (and so adapts to load):
 - per sequence, while its n-gram index finds a draft and its request did not turn speculation
   off (`SamplingParams.speculative=False`). A step in which no sequence has a draft runs as a
   plain decode step;
-- per sequence, while its drafts pay: an exponential average of the fraction of its drafts
-  accepted (weight 1/2 per verify step) that falls below `PAUSE_BELOW` pauses its proposals for
-  `PAUSE_STEPS` steps, after which it tries again from an even start. Measured on the default
-  model on CPU (bench/spec.py), before verify groups attended as one block and few-row int8
-  products ran as integer GEMMs: a K = 7 verify step cost about 3 plain steps, and drafts that
-  were mostly rejected (code the model rewrites rather than copies) made a prompt 0.83x of plain
-  decode before this rule.
+- per sequence, while its drafts pay: a verify step of B sequences costs r(B) plain steps of B
+  sequences and gives each sequence 1 + accepted tokens where a plain step gives 1, so drafts
+  pay while a sequence's tokens per verify step stay above r. The engine times its decode-only
+  steps (`observe`), and r(B) is the ratio of the two kinds' averaged times (`DEFAULT_COST_RATIO`
+  until both have run). An exponential average of each sequence's tokens per verify step
+  (weight 1/2 per step, starting at 1 + K) that falls below r pauses its proposals for
+  `PAUSE_STEPS` steps, after which it tries again from an even start (the plain steps of the
+  pause are timed too). Why measured and not fixed: the ratio moves with the machine and with
+  everything that speeds up one kind of step. A fixed rule (pause below 30% of drafts accepted)
+  was right when a K = 7 verify step cost about 3 plain steps of the default model on CPU; once
+  its bfloat16 KV cache made plain steps cheaper, prompts whose drafts were accepted at just
+  above 30% decoded at 0.81-0.91x of plain (README, speculative decoding).
 
 Proposers:
 - n-gram prompt lookup (spec_propose.py). Its index lives per request and grows with the
@@ -43,8 +48,11 @@ from .config import EngineConfig
 from .spec_propose import NgramIndex, NgramProposer
 
 
-PAUSE_BELOW = 0.3  # accepted fraction under which a sequence's drafts cost more than they save
-PAUSE_STEPS = 16  # steps a sequence then decodes without drafts
+PAUSE_STEPS = 16  # steps a sequence decodes without drafts once they stopped paying
+# a verify step's cost in plain steps of the same sequences until both kinds have been timed
+# (the default model on CPU: ~2-3; engine/speculative.py module docstring)
+DEFAULT_COST_RATIO = 2.5
+COST_WEIGHT = 0.25  # weight of each new step time in its kind's running average
 
 
 class Speculator:
@@ -57,8 +65,10 @@ class Speculator:
         self.draft = draft  # spec_draft.DraftModel, or None
         self.proposer = NgramProposer(ecfg.ngram_min, ecfg.ngram_max, self.k)
         self._index: dict[str, NgramIndex] = {}
-        self._rate: dict[str, float] = {}  # request -> average fraction of its drafts accepted
+        self._gain: dict[str, float] = {}  # request -> average tokens per verify step (1 + accepted)
         self._paused: dict[str, int] = {}  # request -> steps left without drafts
+        self._cost: dict[tuple[str, int], float] = {}  # ("plain" | "verify", sequences) -> average seconds
+        self._seen: set[tuple[str, int]] = set()  # kinds timed once (a first run may include compiling)
         self.proposed_total = 0
         self.accepted_total = 0
         self.steps_total = 0
@@ -89,12 +99,28 @@ class Speculator:
         return index.propose(room) if room > 0 else []
 
     def forget(self, request_id: str) -> None:
-        for table in (self._index, self._rate, self._paused):
+        for table in (self._index, self._gain, self._paused):
             table.pop(request_id, None)
         if self.draft is not None:
             self.draft.forget(request_id)
 
-    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+    def observe(self, kind: str, num_seqs: int, seconds: float) -> None:
+        """Time of a decode-only step ("plain" or "verify") of `num_seqs` sequences. The first of
+        each (kind, size) is dropped: it may have compiled its bucket."""
+        key = (kind, num_seqs)
+        if key not in self._seen:
+            self._seen.add(key)
+            return
+        old = self._cost.get(key)
+        self._cost[key] = seconds if old is None else (1 - COST_WEIGHT) * old + COST_WEIGHT * seconds
+
+    def cost_ratio(self, num_seqs: int) -> float:
+        """What a verify step of `num_seqs` sequences costs in plain steps of as many."""
+        plain, verify = self._cost.get(("plain", num_seqs)), self._cost.get(("verify", num_seqs))
+        return verify / plain if plain and verify else DEFAULT_COST_RATIO
+
+    def record(self, request_id: str, proposed: int, accepted: int, num_seqs: int = 1) -> None:
+        """A verify step of `num_seqs` sequences accepted `accepted` of this sequence's `proposed` drafts."""
         if self.draft is not None:
             self.draft.accepted(request_id, accepted)
         self.proposed_total += proposed
@@ -102,10 +128,11 @@ class Speculator:
         if not proposed:
             return
         self.acceptance[accepted] += 1
-        rate = 0.5 * self._rate.get(request_id, 1.0) + 0.5 * accepted / proposed
-        if rate < PAUSE_BELOW:
-            self._paused[request_id], rate = PAUSE_STEPS, 0.5
-        self._rate[request_id] = rate
+        gain = 0.5 * self._gain.get(request_id, 1.0 + self.k) + 0.5 * (1 + accepted)
+        ratio = self.cost_ratio(num_seqs)
+        if gain < ratio:  # its drafts cost more than they save: plain steps for a while
+            self._paused[request_id], gain = PAUSE_STEPS, (ratio + 1 + self.k) / 2
+        self._gain[request_id] = gain
 
     def stats(self) -> dict:
         draft = {} if self.draft is None else {"spec_draft_steps_total": self.draft.steps_total}

@@ -95,6 +95,8 @@ def test_incremental_drafts_equal_drafts_from_scratch(models):
     when the kept K/V is wrong); tokens alone could not tell, since any drafts give them."""
     _, draft, lm = models
     spec = _engine(lm, num_pages=128, speculative=f"draft:{draft}", num_speculative_tokens=3)
+    # every step proposes: the pause rule (timed steps, engine/speculative.py) is not under test here
+    spec.spec.cost_ratio = lambda num_seqs: 1.0
     model, seen = spec.spec.draft, []
     incremental = model.propose
 
