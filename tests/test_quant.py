@@ -25,6 +25,7 @@ from hyprjax import quant
 from hyprjax.cli import build_parser
 from hyprjax.engine.config import EngineConfig
 from hyprjax.engine.llm_engine import LLMEngine
+from hyprjax.engine.paged import kv_storage_dtype
 from hyprjax.errors import HyprjaxError
 from hyprjax.formats.gguf_blocks import to_packed
 from hyprjax.formats.load import load_model
@@ -215,7 +216,8 @@ def test_quantized_engine_greedy_tokens_equal_transformers(pair):
     auto = LLMEngine(ours.model, ours.cfg, None, EngineConfig(max_model_len=64, max_num_seqs=4), warmup=False,
                      progress=False)
     # quantized weights: kv_cache_dtype auto keeps a bfloat16 cache (uint16 bits on the XLA path)
-    assert auto.ecfg.kv_cache_dtype == "bfloat16" and auto.runner.cache.k.dtype == jnp.uint16
+    assert auto.ecfg.kv_cache_dtype == "bfloat16"
+    assert auto.runner.cache.k.dtype == kv_storage_dtype("bfloat16", auto.backend)
     # the weights' exactness is checked with a float32 cache, which follows the activations
     eng = LLMEngine(ours.model, ours.cfg, None,
                     EngineConfig(max_model_len=64, max_num_seqs=4, kv_cache_dtype="float32"), warmup=False,

@@ -51,8 +51,10 @@ CASES = {
     "pallas-qwen3-kv4": dict(arch="qwen3", model=dict(num_key_value_heads=4, head_dim=32), backend="pallas"),
     "pallas-gemma3-kv2": dict(arch="gemma3", model=dict(num_key_value_heads=2), backend="pallas"),  # kv replicated
 }
+# a float32 KV cache in every case: the quantized ones would get bfloat16 under `auto`, where an
+# all-reduce's last-bit difference in K/V can round to another bfloat16 value (TOL is 1e-5)
 ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, max_prefill_seqs=2, page_size=8, max_model_len=64,
-              block_q=8, num_pages=24, max_loras=2, max_lora_rank=8, max_logprobs=4)
+              block_q=8, num_pages=24, max_loras=2, max_lora_rank=8, max_logprobs=4, kv_cache_dtype="float32")
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 VARIED = [GREEDY, SamplingParams(max_tokens=4, temperature=0.8, top_k=5, seed=3, ignore_eos=True),
           SamplingParams(max_tokens=3, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2,

@@ -356,10 +356,9 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 return []
-            start = time.perf_counter()
             drafts = self._drafts(plan)
             if drafts is not None:
-                return self._verify_step(plan, drafts, start)
+                return self._verify_step(plan, drafts)
             scheduled = plan.decodes + plan.prefills
             rows = [self._row(s) for s in scheduled]
             start = time.perf_counter()
@@ -441,11 +440,11 @@ class LLMEngine:
                 drafts[i] = d
         return drafts if any(drafts) else None
 
-    def _verify_step(self, plan, drafts: list[list[int]], start: float) -> list[RequestOutput]:
-        """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token.
-        `start`: when proposing began (a verify step's cost includes its drafts')."""
+    def _verify_step(self, plan, drafts: list[list[int]]) -> list[RequestOutput]:
+        """Run `plan`'s decodes as a verify step; each emits its accepted drafts and one more token."""
         try:
             rows = [self._row(s) for s in plan.decodes]
+            start = time.perf_counter()  # the verify step alone, as step() times the plain one
             res = self.runner.run_spec(list(zip(rows, drafts)), self.spec.k)
         except Exception as e:
             raise self._recover(plan, e) from e

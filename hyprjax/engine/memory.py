@@ -3,9 +3,10 @@
 `--kv-cache-memory` takes `512MiB`, `2G`, `1.5GB`, `1073741824` (bytes) or `0.25` / `25%` (of
 the device's free memory when the engine is built, i.e. after the weights are loaded: on CPU
 MemAvailable from /proc/meminfo; on GPU/TPU the allocator's bytes_limit - bytes_in_use). With
-none given the pool is 192 MiB on CPU (5,456 tokens of the default Gemma 3 270M), so `hyprjax
-serve` on that model (f32 weights ~1.1 GB) stays under 2 GiB resident (measured: docs/engine.md), and 0.9 of free memory on GPU/TPU, where the pool
-is what buys concurrency.
+none given the pool is 192 MiB on CPU (8,736 tokens of the default SmolLM2-135M in the bfloat16
+cache `--kv-cache-dtype auto` keeps for its int8 weights; 5,456 of Gemma 3 270M in float32), so
+`hyprjax serve` stays small (Gemma with f32 weights ~1.1 GB stayed under 2 GiB resident, measured:
+docs/engine.md), and 0.9 of free memory on GPU/TPU, where the pool is what buys concurrency.
 """
 
 from __future__ import annotations

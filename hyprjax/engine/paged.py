@@ -50,9 +50,10 @@ class KVPool(NamedTuple):
 
 def resolve_kv_dtype(setting: str, compute_dtype, weights_quantized: bool) -> str:
     """The KV values' dtype for `EngineConfig.kv_cache_dtype`: "float32" or "bfloat16" as asked;
-    "auto" -> bfloat16 when the model computes in bfloat16 (GPU/TPU) or its weights are quantized
-    (int8/int4/keep: its numbers are approximate already), else float32, so a float model's
-    logits stay exactly what they were (the tests against transformers hold at 1e-5).
+    "auto" -> bfloat16 when the model computes in bfloat16 (GPU/TPU) or its weights sit packed
+    (int8/int4/keep/keep8: a memory- or speed-first choice made already), else float32, so a
+    float model's logits stay exactly what they were (the tests against transformers hold at
+    1e-4 to 1e-5).
 
     Why bfloat16 for quantized models on CPU: a decode step reads every cached K/V of every
     layer, and at long contexts that is the step's largest read. Measured on the default model

@@ -26,14 +26,16 @@ When it runs (and so adapts to load):
   sequences and gives each sequence 1 + accepted tokens where a plain step gives 1, so drafts
   pay while a sequence's tokens per verify step stay above r. The engine times its decode-only
   steps (`observe`), and r(B) is the ratio of the two kinds' averaged times (`DEFAULT_COST_RATIO`
-  until both have run). An exponential average of each sequence's tokens per verify step
+  until both have run; proposing is not timed). An exponential average of each sequence's tokens per verify step
   (weight 1/2 per step, starting at 1 + K) that falls below r pauses its proposals for
   `PAUSE_STEPS` steps, after which it tries again from an even start (the plain steps of the
   pause are timed too). Why measured and not fixed: the ratio moves with the machine and with
-  everything that speeds up one kind of step. A fixed rule (pause below 30% of drafts accepted)
-  was right when a K = 7 verify step cost about 3 plain steps of the default model on CPU; once
-  its bfloat16 KV cache made plain steps cheaper, prompts whose drafts were accepted at just
-  above 30% decoded at 0.81-0.91x of plain (README, speculative decoding).
+  everything that speeds up one kind of step. The fixed rule it replaced (pause below 30% of
+  drafts accepted, i.e. 3.1 tokens per verify step at K = 7) was set when a verify step of the
+  default model cost about 2-3 plain steps on CPU; with its bfloat16 KV cache the engine timed
+  3.5-4 on a 2-core EPYC, and where a verify step costs about one plain step (a weight-bound
+  accelerator) the old rule would pause drafts that still pay. On that EPYC bench/spec.py gave
+  the same figures under both rules, within noise (README, speculative decoding).
 
 Proposers:
 - n-gram prompt lookup (spec_propose.py). Its index lives per request and grows with the
@@ -50,9 +52,11 @@ from .spec_propose import NgramIndex, NgramProposer
 
 PAUSE_STEPS = 16  # steps a sequence decodes without drafts once they stopped paying
 # a verify step's cost in plain steps of the same sequences until both kinds have been timed
-# (the default model on CPU: ~2-3; engine/speculative.py module docstring)
+# (the default model on CPU, K = 7: ~2 on a Xeon with a float32 KV cache, 3.5-4 on an EPYC
+# with a bfloat16 one; the module docstring)
 DEFAULT_COST_RATIO = 2.5
 COST_WEIGHT = 0.25  # weight of each new step time in its kind's running average
+OUTLIER = 3.0  # a step time counts at most this many times its kind's running average
 
 
 class Speculator:
@@ -106,13 +110,16 @@ class Speculator:
 
     def observe(self, kind: str, num_seqs: int, seconds: float) -> None:
         """Time of a decode-only step ("plain" or "verify") of `num_seqs` sequences. The first of
-        each (kind, size) is dropped: it may have compiled its bucket."""
+        each (kind, size) is dropped (it may have compiled its bucket), and a later one counts at
+        most `OUTLIER` times the running average (a compile, a host stall)."""
         key = (kind, num_seqs)
         if key not in self._seen:
             self._seen.add(key)
             return
         old = self._cost.get(key)
-        self._cost[key] = seconds if old is None else (1 - COST_WEIGHT) * old + COST_WEIGHT * seconds
+        if old is not None:
+            seconds = (1 - COST_WEIGHT) * old + COST_WEIGHT * min(seconds, OUTLIER * old)
+        self._cost[key] = seconds
 
     def cost_ratio(self, num_seqs: int) -> float:
         """What a verify step of `num_seqs` sequences costs in plain steps of as many."""

@@ -7,6 +7,7 @@ import pytest
 from tests.tiny_models import hf_greedy, hf_logits, make_hf_model
 from hyprjax.engine.config import EngineConfig
 from hyprjax.engine.llm_engine import LLMEngine
+from hyprjax.engine.paged import kv_storage_dtype
 from hyprjax.formats.load import load_model
 from hyprjax.generate import Generator
 from hyprjax.sampling import SamplingParams
@@ -157,7 +158,9 @@ def test_bfloat16_kv_cache_holds_twice_the_tokens_and_stays_near_transformers(ti
                      warmup=False)
     assert engine.runner.kv_dtype == engine.ecfg.kv_cache_dtype == f32.ecfg.kv_cache_dtype == "float32"
     assert engine.runner.cache.k.dtype == np.float32
-    assert bf16.ecfg.kv_cache_dtype == "bfloat16" and bf16.runner.cache.k.dtype == np.uint16
+    # uint16 bits on the XLA path (the CPU default), bfloat16 itself for the Pallas kernels
+    assert bf16.ecfg.kv_cache_dtype == "bfloat16"
+    assert bf16.runner.cache.k.dtype == kv_storage_dtype("bfloat16", bf16.backend)
     assert 2 * f32.runner.num_pages <= bf16.runner.num_pages <= 2 * f32.runner.num_pages + 1  # floor(budget / page)
     prompt = _prompts(1, seed=4, lo=40, hi=41)[0]
     [(tokens, lps)] = _serve(bf16, [prompt], GREEDY, logprobs=3)

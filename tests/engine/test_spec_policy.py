@@ -34,6 +34,8 @@ def test_the_cost_ratio_is_measured_and_the_first_run_of_each_kind_is_dropped():
     assert spec.cost_ratio(1) == pytest.approx(3.0)
     spec.observe("plain", 1, 0.006)  # a running average: 0.75 * 0.010 + 0.25 * 0.006
     assert spec.cost_ratio(1) == pytest.approx(0.030 / 0.009)
+    spec.observe("verify", 1, 3.0)  # a stall counts as 3x the average at most
+    assert spec.cost_ratio(1) == pytest.approx((0.75 * 0.030 + 0.25 * 0.090) / 0.009)
     assert spec.cost_ratio(2) == DEFAULT_COST_RATIO  # each batch size has its own
 
 
