@@ -128,7 +128,7 @@ def _accelerator_qdot(x2, fmt: QFormat, q: dict):
     """GPU/TPU: XLA's fusion of `x @ dequantize(q).T`, or the Pallas kernel (HYPRJAX_QMATMUL=pallas)."""
     if os.environ.get("HYPRJAX_QMATMUL", "xla") != "pallas":
         return x2 @ dequantize(fmt, q).T
-    from kernels.qmatmul import qmatmul
+    from .kernels.qmatmul import qmatmul
 
     return qmatmul(x2, fmt, q)
 

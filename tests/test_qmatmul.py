@@ -161,6 +161,18 @@ def test_bad_inputs_raise_named():
                                          scale=jnp.ones((128, 4), jnp.float32)), interpret=True)
 
 
+
+def test_engine_reaches_the_kernel(monkeypatch):
+    """HYPRJAX_QMATMUL=pallas routes quant.qdot's accelerator path to this package's kernel (it
+    once imported a top-level `kernels`: Hugging Face's package, which transformers installs, or
+    nothing outside the repo root). Off a device the kernel itself refuses to run uncompiled."""
+    from hyprjax import quant
+
+    x, fmt, q = case("int8", 2, 256, 128)
+    monkeypatch.setenv("HYPRJAX_QMATMUL", "pallas")
+    with pytest.raises(ValueError, match="interpret=False needs a GPU or TPU"):
+        quant._accelerator_qdot(x, fmt, q)
+
 # JAX >= 0.11 reads the target GPU's kind when lowering a Triton kernel; without a GPU it must
 # be named through an abstract mesh (0.10 accepts the mesh too).
 H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100 80GB HBM3", None,
