@@ -114,8 +114,15 @@ def ref_sparse_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arr
     return acc.astype(y.dtype)
 
 
+DECODE_CHUNK = 16  # decode pairs per iteration of `ref_block_add`'s chunked loop
+
+
 def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Array:
-    """y f[T, dout] plus every region's block-sparse deltas."""
+    """y f[T, dout] plus every region's block-sparse deltas.
+
+    Decode pairs (one token each) run `DECODE_CHUNK` at a time (`_decode_chunks`); prefill
+    pairs one at a time, each a [block_q, NB, b] x [NB, b, b] product that is work enough.
+    """
     dout, din, b = y.shape[1], x.shape[1], val.shape[-1]
     nbi, nbo = din // b, dout // b
     idx_at, val_at = table_reader(idx, layer), table_reader(val, layer)
@@ -127,7 +134,57 @@ def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arra
         out = jnp.zeros((xs.shape[0], nbo, b), jnp.float32).at[:, ii // nbi].add(d)
         return out.reshape(xs.shape[0], dout)
 
-    return _pair_loop(y.astype(jnp.float32), _regions(x, regions), delta).astype(y.dtype)
+    acc = y.astype(jnp.float32)
+    for region in _regions(x, regions):
+        if region[1] == 1:
+            acc = _decode_chunks(acc, region, idx, val, layer)
+        else:
+            acc = _pair_loop(acc, [region], delta)
+    return acc.astype(y.dtype)
+
+
+def _decode_chunks(acc, region, idx, val, layer):
+    """acc f32[T, dout] plus the block deltas of one-token pairs, `DECODE_CHUNK` pairs per
+    iteration: their slots' tables gathered into [C, NB, b, b], one batched product, one
+    scatter-add of the C rows (a token with several adapters gets them in pair order).
+
+    Why chunks: a loop iteration per pair cost ~10 us of fixed work per pair and module on
+    XLA:CPU (slices, a [1, NB, b] x [NB, b, b] product, a scatter into a fresh [nbo, b]); a whole
+    bucket at once would gather every padding pair's table too (the decode capacity is
+    tokens x max_loras pairs). Measured on 2 cores, a [1024 x 3072] module, 32 decode pairs of 32
+    distinct rank-16-sized adapters (NB = 256), every layer's table read once per call: per-pair
+    loop 0.95-1.08 ms, chunks of 4/8/16 0.78/0.69/0.67 ms; with bfloat16 tables 0.75 vs 0.65 ms.
+    """
+    pairs, _, offset, xf = region
+    n = pairs.start.shape[0]
+    if n == 0:
+        return acc
+    t, dout = acc.shape
+    din, b = xf.shape[1], val.shape[-1]
+    nbi, nbo = din // b, dout // b
+    c = min(DECODE_CHUNK, n)
+    pad = (-n) % c
+    start, slot, weight = (jnp.pad(a, (0, pad)) for a in (pairs.start, pairs.slot, pairs.weight))
+    count = jnp.minimum(pairs.count, n)
+    lanes = jnp.arange(c)
+
+    def tables(slots):
+        if layer is None:
+            return jnp.take(idx, slots, axis=0), widen(jnp.take(val, slots, axis=0))
+        return idx[layer, slots], widen(val[layer, slots])
+
+    def body(i, acc):
+        first = i * c
+        st, sl, w = (lax.dynamic_slice_in_dim(a, first, c) for a in (start, slot, weight))
+        valid = first + lanes < count
+        rows = jnp.where(valid, st + offset, t)  # padding lanes scatter out of bounds: dropped
+        ii, v = tables(jnp.where(valid, sl, 0))
+        xb = jnp.take_along_axis(xf[jnp.minimum(rows, t - 1)].reshape(c, nbi, b), (ii % nbi)[:, :, None], axis=1)
+        d = jnp.einsum("pni,pnio->pno", xb, v, precision=_HI)  # [C, NB, b_out]
+        out = jnp.zeros((c, nbo, b), jnp.float32).at[lanes[:, None], ii // nbi].add(d).reshape(c, dout)
+        return acc.at[rows].add(out * jnp.where(valid, w, 0.0)[:, None], mode="drop")
+
+    return lax.fori_loop(0, (count + c - 1) // c, body, acc)
 
 
 def dense_from_sparse(idx, val, din: int, dout: int) -> jax.Array:
