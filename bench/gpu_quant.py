@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyprjax.config import PRESETS  # noqa: E402
 from hyprjax.model import Linear, Model, set_quantized  # noqa: E402
-from hyprjax.qformat import QFormat, dequantize  # noqa: E402
-from hyprjax.quant import quantize_model  # noqa: E402
+from hyprjax.qformat import QFormat  # noqa: E402
+from hyprjax.quant import qdot, quantize_model  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -101,9 +101,11 @@ def time_step(model, repeats: int) -> float:
 
 
 def fusion_check(out_dir: Path) -> dict:
-    """XLA's optimized HLO of x @ dequantize(q).T for int8, int4-like and Q4_K: is the convert of
-    the codes inside the fusion that computes the dot?"""
+    """XLA's optimized HLO of the engine's quantized matmul on the device (`quant.qdot`, XLA path)
+    with bfloat16 x, for int8, Q4_K and Q6_K: is the convert of the codes inside the fusion that
+    computes the dot?"""
     res = {}
+    os.environ["HYPRJAX_QMATMUL"] = "xla"
     key = jax.random.key(2)
     cases = {"int8": (QFormat(bits=8, group=1024, name="int8"), None), "Q4_K": (Q4_K, None), "Q6_K": (Q6_K, None)}
     for name, (fmt, _) in cases.items():
@@ -114,8 +116,7 @@ def fusion_check(out_dir: Path) -> dict:
             q = random_packed(fmt, (), 3072, 1024, key)
         for rows in (1, 16):
             x = jnp.ones((rows, 1024), jnp.bfloat16)
-            hlo = jax.jit(lambda x, q, fmt=fmt: jnp.dot(x, dequantize(fmt, q, jnp.bfloat16).T,
-                                                        preferred_element_type=jnp.float32)).lower(x, q).compile().as_text()
+            hlo = jax.jit(lambda x, q, fmt=fmt: qdot(x, fmt, q)).lower(x, q).compile().as_text()
             (out_dir / f"hlo_{name}_rows{rows}.txt").write_text(hlo)
             fused = _convert_fused_with_dot(hlo)
             res[f"{name} rows={rows}"] = fused

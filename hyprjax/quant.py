@@ -32,7 +32,7 @@ multiplied by the library GEMM. For per-channel int8 on CPUs with AMX the tile i
 against x split into three bf16 terms (`bf16_gemm`): exact for int8 codes, float32 precision
 for x, 1.5-2.5x faster than the float32 tile there.
 
-On GPU/TPU `qdot` is `x @ dequantize(q).T` for XLA to fuse (and for GSPMD to partition under
+On GPU/TPU `qdot` is `x @ dequantize(q).T` in x's dtype for XLA to fuse (and for GSPMD to partition under
 tensor parallelism); `HYPRJAX_QMATMUL=pallas` runs the Pallas kernel of kernels/qmatmul.py instead
 (the codes dequantized tile by tile in registers/VMEM). The kernel passes its interpret-mode and
 lowering tests, but has not yet been timed on a GPU (bench/gpu_quant.py does that), so it is not
@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from .errors import HyprjaxError
+from .errors import ConfigError, HyprjaxError
 from .qformat import QFormat, dequantize, quantize_rows
 
 log = logging.getLogger("hyprjax")
@@ -94,10 +94,10 @@ def qdot(x, fmt: QFormat, q: dict) -> jax.Array:
     lead, din = x.shape[:-1], x.shape[-1]
     dout = q["codes"].shape[0]
     rows = int(np.prod(lead)) if lead else 1
-    x2 = x.reshape(rows, din).astype(jnp.float32)
     if jax.default_backend() != "cpu":
-        return _accelerator_qdot(x2, fmt, q).reshape(*lead, dout)
-    per_channel = fmt.bits == 8 and fmt.group == din and q.get("sub") is None and q.get("min") is None
+        return accelerator_qdot(x.reshape(rows, din), fmt, q).reshape(*lead, dout)
+    x2 = x.reshape(rows, din).astype(jnp.float32)
+    per_channel = _per_channel(fmt, q, din)
     if rows == 1:  # one fused dequantize-and-dot loop (module docstring)
         if per_channel:  # the scale after the dot: one multiply per output, not per weight
             y = (_materialized(x2) @ q["codes"].astype(jnp.float32).T) * q["scale"][:, 0]
@@ -124,13 +124,52 @@ def qdot(x, fmt: QFormat, q: dict) -> jax.Array:
     return jnp.moveaxis(y, 0, 1).reshape(*lead, dout)
 
 
-def _accelerator_qdot(x2, fmt: QFormat, q: dict):
-    """GPU/TPU: XLA's fusion of `x @ dequantize(q).T`, or the Pallas kernel (HYPRJAX_QMATMUL=pallas)."""
-    if os.environ.get("HYPRJAX_QMATMUL", "xla") != "pallas":
-        return x2 @ dequantize(fmt, q).T
-    from .kernels.qmatmul import qmatmul
+def check_qmatmul_mesh(mesh, model) -> None:
+    """ConfigError when HYPRJAX_QMATMUL=pallas meets a quantized model sharded over several
+    devices: GSPMD cannot partition a Pallas call (on TPU lowering fails, "Mosaic kernels cannot
+    be automatically partitioned"; on GPU every device would gather whole matrices)."""
+    if os.environ.get("HYPRJAX_QMATMUL") != "pallas" or mesh is None or mesh.size <= 1 or not is_quantized(model):
+        return
+    raise ConfigError(f"HYPRJAX_QMATMUL=pallas runs the quantized matmul kernel on one device, and this model is "
+                      f"sharded over {mesh.size}; unset it to use XLA's quantized matmul, which shards")
 
-    return qmatmul(x2, fmt, q)
+
+def accelerator_qdot(x2, fmt: QFormat, q: dict):
+    """GPU/TPU: f32[rows, dout] = x2 @ dequantize(q).T, by XLA or the Pallas kernel.
+
+    x2 keeps its dtype: a bfloat16 (or float16) x multiplies the matrix dequantized in float32
+    and rounded once to x's dtype, as a float model of that dtype holds its weights, with float32
+    accumulation, so the dot runs on the tensor cores/MXU and XLA fuses the dequantize into it
+    (bench/gpu_quant.py's HLO check lowers this function). Per-channel int8 codes are exact in
+    bfloat16, so there the codes go into the dot and the scale multiplies its output: the
+    weights are not rounded at all. A float32 x keeps float32 weights.
+
+    HYPRJAX_QMATMUL=pallas runs kernels/qmatmul.py instead, on one device only (the engine
+    refuses it under tensor parallelism: a Pallas call cannot be partitioned by GSPMD); a shape
+    the kernel does not take (an output size without 16 as a power-of-two factor, as odd
+    vocabularies have) falls back to XLA, logged once at trace time.
+    """
+    if os.environ.get("HYPRJAX_QMATMUL", "xla") == "pallas":
+        from .kernels.qmatmul import qmatmul
+
+        try:
+            return qmatmul(x2, fmt, q)
+        except NotImplementedError as e:
+            log.warning("HYPRJAX_QMATMUL=pallas: %s; this [%d x %d] matrix runs through XLA", e,
+                        q["codes"].shape[0], x2.shape[1])
+    half = x2.dtype in (jnp.bfloat16, jnp.float16)
+    x2 = x2 if half else x2.astype(jnp.float32)
+    contract = (((1,), (1,)), ((), ()))
+    if half and _per_channel(fmt, q, x2.shape[1]):  # int8 codes are exact in x's dtype: scale after the dot
+        y = lax.dot_general(x2, q["codes"].astype(x2.dtype), contract, preferred_element_type=jnp.float32)
+        return y * q["scale"][:, 0].astype(jnp.float32)
+    w = dequantize(fmt, q)
+    return lax.dot_general(x2, w.astype(x2.dtype) if half else w, contract, preferred_element_type=jnp.float32)
+
+
+def _per_channel(fmt: QFormat, q: dict, din: int) -> bool:
+    """One scale per output channel over 8-bit codes (the `int8` mode's matrices)."""
+    return fmt.bits == 8 and fmt.group == din and q.get("sub") is None and q.get("min") is None
 
 
 SPLIT_TERMS = 3

@@ -55,7 +55,7 @@ Verified on CPU only: both kernels against `reference` in interpret mode (TPU in
 the TPU one), both lowerings (Triton IR, Mosaic MLIR) in tests, and the Triton IR of every tested
 format x {f32, bf16} x M {1, 16, 40} compiled offline to sm_90 cubins (Triton 3.6, ptxas 13.0)
 without register spills. Not verified: results and speed on a GPU (the gpu-marked test and
-`python -m kernels.qmatmul --bench` check them), JAX's own bundled Triton, and the Mosaic TPU
+`python -m hyprjax.kernels.qmatmul --bench` check them), JAX's own bundled Triton, and the Mosaic TPU
 compile (in-kernel transposes, sublane reshapes, uint8 -> int32) and speed.
 """
 
@@ -468,7 +468,7 @@ def qmatmul(x, fmt: QFormat, q: dict, *, interpret: bool = False, backend: str |
     return _qmatmul_gpu(x, fmt, q, splits=splits, **blocks)
 
 
-# --- benchmark: python -m kernels.qmatmul --bench -----------------------------------------------
+# --- benchmark: python -m hyprjax.kernels.qmatmul --bench -----------------------------------------------
 
 _BENCH_FORMATS = {  # name -> (format for a din, factor dtypes); as tests/test_qmatmul.py
     "int8": (lambda din: QFormat(8, din), dict(scale="float32")),
@@ -533,7 +533,7 @@ def _bench(argv=None) -> int:
 
     from hyprjax.qformat import nbytes
 
-    ap = argparse.ArgumentParser(prog="python -m kernels.qmatmul", description=_bench.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m hyprjax.kernels.qmatmul", description=_bench.__doc__)
     ap.add_argument("--bench", action="store_true", required=True)
     ap.add_argument("--formats", default=",".join(_BENCH_FORMATS))
     ap.add_argument("--shapes", default="1024x3072,3072x1024", help="din x dout, comma-separated")

@@ -171,7 +171,63 @@ def test_engine_reaches_the_kernel(monkeypatch):
     x, fmt, q = case("int8", 2, 256, 128)
     monkeypatch.setenv("HYPRJAX_QMATMUL", "pallas")
     with pytest.raises(ValueError, match="interpret=False needs a GPU or TPU"):
-        quant._accelerator_qdot(x, fmt, q)
+        quant.accelerator_qdot(x, fmt, q)
+
+
+@pytest.mark.parametrize("name", ["int8", "Q8_0", "Q4_K", "Q6_K"])
+def test_accelerator_xla_path(name):
+    """quant.accelerator_qdot's XLA path (what GPU/TPU run by default; plain XLA, so it runs here):
+    float32 x against the float32 reference; bfloat16 x against bf16 weights rounded once, with
+    per-channel int8 exact (codes in the dot, the scale after it)."""
+    from hyprjax import quant
+    from hyprjax.qformat import dequantize
+
+    x, fmt, q = case(name, 5, 256, 384)
+    check(quant.accelerator_qdot(x, fmt, q), x, fmt, q)
+    xb = x.astype(jnp.bfloat16)
+    w = dequantize(fmt, q)
+    if name != "int8":
+        w = w.astype(jnp.bfloat16).astype(jnp.float32)
+    want = np.asarray(xb.astype(jnp.float32) @ w.T)
+    got = np.asarray(quant.accelerator_qdot(xb, fmt, q))
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+def test_pallas_falls_back_on_a_shape_it_does_not_take(monkeypatch, caplog):
+    """HYPRJAX_QMATMUL=pallas: a matrix the kernel refuses (NotImplementedError, e.g. an odd
+    vocabulary's output size on GPU) runs through XLA instead, with a warning naming it."""
+    from hyprjax import quant
+    from hyprjax.kernels import qmatmul as qm
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("qmatmul (GPU): block_n=1 must be a power of two >= 16")
+
+    x, fmt, q = case("Q8_0", 3, 256, 384)
+    monkeypatch.setenv("HYPRJAX_QMATMUL", "pallas")
+    monkeypatch.setattr(qm, "qmatmul", refuse)
+    with caplog.at_level("WARNING", logger="hyprjax"):
+        got = quant.accelerator_qdot(x, fmt, q)
+    check(got, x, fmt, q)
+    assert "block_n=1" in caplog.text and "[384 x 256] matrix runs through XLA" in caplog.text
+
+
+def test_pallas_refused_on_a_sharded_quantized_model(monkeypatch):
+    """The engine's start-up check: the Pallas matmul cannot be partitioned over a mesh."""
+    from types import SimpleNamespace
+
+    from hyprjax import quant
+    from hyprjax.errors import ConfigError
+
+    monkeypatch.setattr(quant, "is_quantized", lambda model: model == "quantized")
+    two, one = SimpleNamespace(size=2), SimpleNamespace(size=1)
+    monkeypatch.setenv("HYPRJAX_QMATMUL", "pallas")
+    with pytest.raises(ConfigError, match="HYPRJAX_QMATMUL=pallas .* sharded over 2; unset it"):
+        quant.check_qmatmul_mesh(two, "quantized")
+    for mesh, model in ((one, "quantized"), (None, "quantized"), (two, "float")):
+        quant.check_qmatmul_mesh(mesh, model)
+    monkeypatch.setenv("HYPRJAX_QMATMUL", "xla")
+    quant.check_qmatmul_mesh(two, "quantized")
 
 # JAX >= 0.11 reads the target GPU's kind when lowering a Triton kernel; without a GPU it must
 # be named through an abstract mesh (0.10 accepts the mesh too).

@@ -28,12 +28,12 @@ from ..adapters.registry import LoraRegistry, LoraRequest, PreparedMerge, Resolv
 from ..config import ModelConfig
 from ..detok import NullDecoder, OutputTracker
 from ..errors import HyprjaxError, PromptTooLongError
-from ..quant import is_quantized
+from ..quant import check_qmatmul_mesh, is_quantized
 from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig, draft_source
-from .memory import kv_pool_pages, page_bytes as kv_page_bytes
+from .memory import kv_pool_pages, page_bytes as kv_page_bytes, pool_device
 from .paged import resolve_kv_dtype
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -129,6 +129,7 @@ class LLMEngine:
                  warmup: bool = True, progress: bool = True, interpret: bool = False, mesh=None):
         self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
         self.max_model_len = min(ecfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        check_qmatmul_mesh(mesh, model)
         dtype = model.compute_dtype  # of the adapter slots (weights may be int8)
         # the KV cache's dtype, resolved once here so the draft model's pool (if any) matches
         ecfg = replace(ecfg, kv_cache_dtype=resolve_kv_dtype(ecfg.kv_cache_dtype, dtype, is_quantized(model)))
@@ -136,7 +137,8 @@ class LLMEngine:
         dtype_bytes = jnp.dtype(ecfg.kv_cache_dtype).itemsize
         draft = load_draft(ecfg, tokenizer, cfg, dtype) if draft_source(ecfg.speculative) else None
         draft_page = 0 if draft is None else kv_page_bytes(draft.cfg, ecfg.page_size, dtype_bytes)
-        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, kv_shards=kv_shards(cfg, mesh),
+        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, device=pool_device(mesh),
+                                              kv_shards=kv_shards(cfg, mesh),
                                               extra_page_bytes=draft_page)
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool
         self.backend = resolve_backend(ecfg.attention_backend)

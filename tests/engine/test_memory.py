@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from hyprjax.cli import build_parser
@@ -226,3 +227,21 @@ def test_kv_cache_dtype_is_checked_and_reaches_the_cli(capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["serve", "--kv-cache-dtype", "int8"])
     assert e.value.code == 2 and "int8" in capsys.readouterr().err
+
+
+def test_pool_device_is_the_mesh_device_with_least_free_memory():
+    """A replica's pool is sized from its own devices (data parallel: not from device 0, which an
+    earlier replica filled), the tightest one under tensor parallelism."""
+
+    class Mesh:
+        def __init__(self, *devices):
+            self.devices = np.array(devices, dtype=object)
+
+    roomy, tight = (FakeDevice("gpu", dict(bytes_limit=n * 16384, bytes_in_use=0)) for n in (1000, 100))
+    assert memory.pool_device(None) is None
+    assert memory.pool_device(Mesh(roomy)) is roomy
+    assert memory.pool_device(Mesh(roomy, tight)) is tight
+    ecfg = EngineConfig(kv_cache_memory=0.5)
+    assert kv_pool_pages(TINY, ecfg, 4, device=memory.pool_device(Mesh(tight))) == (50 * 16384 // 16384, 16384)
+    cpu = FakeDevice("cpu")
+    assert memory.pool_device(Mesh(cpu, FakeDevice("cpu"))) is cpu
