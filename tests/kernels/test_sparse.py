@@ -283,9 +283,11 @@ def test_compiled_kernel_on_device(dtype, block, b):
 @pytest.mark.parametrize("part", ["sparse", "block"])
 @pytest.mark.parametrize("td", [0, 4])
 def test_bf16_bit_tables_equal_float_tables_of_the_same_values(part, td):
-    """uint16 bfloat16 bits (the XLA path's bf16 slots, kernels/lora.py) give exactly the deltas of
-    float32 tables holding the same rounded values, decode pairs and prefill blocks (element-sparse
-    prefill densifies the slot from the bits); the Pallas block kernel refuses bits."""
+    """uint16 bfloat16 bits (the XLA path's bf16 slots, kernels/lora.py) give the deltas of float32
+    tables holding the same rounded values, decode pairs and prefill blocks (element-sparse
+    prefill densifies the slot from the bits): exactly, but for block-sparse decode pairs, whose
+    bf16 form adds a block's products in another order (to float32 rounding); the Pallas block
+    kernel refuses bits."""
     rng = np.random.default_rng(21 + td)
     bq, slots, din, dout = 16, 4, 64, 128
     dec = make_pairs(rng, tokens=td + 1, block=1, slots=slots, pad=2)
@@ -305,7 +307,10 @@ def test_bf16_bit_tables_equal_float_tables_of_the_same_values(part, td):
     y = jnp.asarray(rng.standard_normal((x.shape[0], dout)), jnp.float32)
     run = jax.jit(lambda y, x, v: sparse_apply(y, x, part, idx, v, dec, pf, layer=1, td=td, block_q=bq))
     got, want = run(y, x, bits), run(y, x, rounded)
-    np.testing.assert_array_equal(got, want)
+    if part == "block" and td:  # bf16 decode chunks sum a block's b products in their own order
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, want)
     assert np.isfinite(got).all() and not np.allclose(got, y)
     if part == "block":
         with pytest.raises(ValueError, match="uint16"):
