@@ -18,7 +18,21 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CODE = """
+# An editable install maps hyprjax.kernels and hyprjax.serve to the installed checkout's kernels/
+# and serve/ (pyproject's package-dir), so with only PYTHONPATH the other checkout would run this
+# one's kernels: a finder placed first maps both to the checkout being measured.
+SHIM = """
+import importlib.abc, importlib.util, sys
+class _Checkout(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        sub = name.split(".")
+        if len(sub) == 2 and sub[0] == "hyprjax" and sub[1] in ("kernels", "serve"):
+            init = {root!r} + "/" + sub[1] + "/__init__.py"
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[init[:-12]])
+        return None
+sys.meta_path.insert(0, _Checkout())
+"""
+CODE = SHIM + """
 import json, sys
 sys.path.insert(0, {bench!r})
 from decode import bench_hyprjax, default_prompt
@@ -26,14 +40,16 @@ from hyprjax.formats.gguf_read import GGUFFile
 prompt = default_prompt({n_prompt}, GGUFFile({path!r}).shape("token_embd.weight")[0])
 r = bench_hyprjax({path!r}, prompt, {n_gen}, {repeats}, "float32")
 import hyprjax
-r["hyprjax_file"] = hyprjax.__file__
+import hyprjax.kernels
+r["hyprjax_file"], r["kernels_file"] = hyprjax.__file__, hyprjax.kernels.__file__
 print("RESULT " + json.dumps(r))
 """
 
 
 def run_one(root: Path, path: str, n_prompt: int, n_gen: int, repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(root), HYPRJAX_CACHE_DIR=os.environ.get("HYPRJAX_CACHE_DIR", ""))
-    code = CODE.format(bench=str(root / "bench"), path=path, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats)
+    code = CODE.format(root=str(root), bench=str(root / "bench"), path=path, n_prompt=n_prompt, n_gen=n_gen,
+                       repeats=repeats)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
