@@ -186,6 +186,15 @@ def plot(res: dict, out: Path) -> None:
     log(f"wrote {out}")
 
 
+def code_files() -> dict:
+    """Where hyprjax and its kernels were imported from (an editable install can map
+    hyprjax.kernels to another checkout than PYTHONPATH's hyprjax: bench/decode_paths.py)."""
+    import hyprjax
+    import hyprjax.kernels
+
+    return {"hyprjax": hyprjax.__file__, "kernels": hyprjax.kernels.__file__}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="GGUF file or HF directory (default %(default)s)")
@@ -281,7 +290,8 @@ def main(argv=None) -> int:
              "pass": s["ratio"] >= a.threshold} for s in summary if s["kind"] in ("shira", "block") and s["adapters"] == top]
     res = dict(settings=dict(model=a.model, kinds=a.kinds, adapters=ns, concurrency=c, max_tokens=a.max_tokens,
                              prompt_len=list(a.prompt_len), repeats=a.repeats, rank=a.rank, dtype=a.dtype,
-                             adapter_dtype=a.adapter_dtype, cpu_count=os.cpu_count(), compiles_total=len(COMPILES)),
+                             adapter_dtype=a.adapter_dtype, cpu_count=os.cpu_count(), compiles_total=len(COMPILES),
+                             code=code_files()),
                summary=summary, bars=bars, load=load, runs=runs)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,15 +139,15 @@ def accelerator_qdot(x2, fmt: QFormat, q: dict):
 
     x2 keeps its dtype: a bfloat16 (or float16) x multiplies the matrix dequantized in float32
     and rounded once to x's dtype, as a float model of that dtype holds its weights, with float32
-    accumulation, so the dot runs on the tensor cores/MXU and XLA fuses the dequantize into it
-    (bench/gpu_quant.py's HLO check lowers this function). Per-channel int8 codes are exact in
+    accumulation, so the dot runs on the tensor cores/MXU and XLA can fuse the dequantize into it
+    (not yet seen on a device: bench/gpu_quant.py's HLO check lowers this function). Per-channel int8 codes are exact in
     bfloat16, so there the codes go into the dot and the scale multiplies its output: the
     weights are not rounded at all. A float32 x keeps float32 weights.
 
     HYPRJAX_QMATMUL=pallas runs kernels/qmatmul.py instead, on one device only (the engine
     refuses it under tensor parallelism: a Pallas call cannot be partitioned by GSPMD); a shape
     the kernel does not take (an output size without 16 as a power-of-two factor, as odd
-    vocabularies have) falls back to XLA, logged once at trace time.
+    vocabularies have) falls back to XLA, logged when the step is traced.
     """
     if os.environ.get("HYPRJAX_QMATMUL", "xla") == "pallas":
         from .kernels.qmatmul import qmatmul

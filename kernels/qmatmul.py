@@ -468,7 +468,7 @@ def qmatmul(x, fmt: QFormat, q: dict, *, interpret: bool = False, backend: str |
     return _qmatmul_gpu(x, fmt, q, splits=splits, **blocks)
 
 
-# --- benchmark: python -m hyprjax.kernels.qmatmul --bench -----------------------------------------------
+# --- benchmark: python -m hyprjax.kernels.qmatmul --bench ---------------------------------------
 
 _BENCH_FORMATS = {  # name -> (format for a din, factor dtypes); as tests/test_qmatmul.py
     "int8": (lambda din: QFormat(8, din), dict(scale="float32")),

@@ -17,7 +17,9 @@ Why two kinds: an unstructured mask at 1-2% density leaves almost no 16 x 16 blo
 (P(empty) = 0.98^256 = 0.6%), so a block kernel would read ~100x the values it needs, while
 element gathers and scatter-adds cannot use the matrix units. Measured on XLA:CPU (2 cores,
 [1024 x 3072] module, 32 decode pairs at the parameter count of rank-16 LoRA): element-sparse
-5.4 ms, block-sparse 16 x 16 1.1 ms, LoRA 0.8 ms, the dense base matmul 1.9 ms. Element
+5.4 ms, block-sparse 16 x 16 1.1 ms, LoRA 0.8 ms, the dense base matmul 1.9 ms (block-sparse on
+a quiet machine since the chunks of `_decode_chunks`: 0.41-0.59 ms, 0.21 ms from bfloat16
+tables, against 0.45-0.81 and 0.76 ms as a loop over pairs). Element
 gathers and scatters cost ~3.4 ns per entry there whatever the index order (sorted-by-output
 segment sums were slower), so element-sparse serving is the expensive kind on CPU; block-sparse
 is the one to serve many adapters with, and a single hot element-sparse adapter can be merged
@@ -26,7 +28,8 @@ into the base weights instead (`hyprjax/adapters/registry.py`).
 Implementations:
   * `ref_sparse_add` / `ref_block_add`: `fori_loop`s over the real pairs, slicing one slot's
     table [layer, slot] inside the loop (`lora.table_reader`, as `lora.ref_lora_add` does, for
-    the same reason; bfloat16 values travel as uint16 bits, kernels/lora.py says why);
+    the same reason; bfloat16 values travel as uint16 bits, kernels/lora.py says why), except
+    block-sparse decode pairs, which go a chunk of pairs per iteration (`_decode_chunks`);
     the XLA path, used on CPU and for element-sparse everywhere.
   * `naive_sparse_delta` / `naive_block_delta`: dense deltas per pair; ground truth for tests.
   * `block_delta(..., backend="pallas")`: the Pallas block-sparse kernels (`sparse_pallas.py`):
@@ -121,7 +124,7 @@ DECODE_CHUNK_BF16 = 32  # ... with bfloat16 tables (`_decode_chunks`)
 def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Array:
     """y f[T, dout] plus every region's block-sparse deltas.
 
-    Decode pairs (one token each) run `DECODE_CHUNK` at a time (`_decode_chunks`); prefill
+    Decode pairs (one token each) run a chunk at a time (`_decode_chunks`); prefill
     pairs one at a time, each a [block_q, NB, b] x [NB, b, b] product that is work enough.
     """
     dout, din, b = y.shape[1], x.shape[1], val.shape[-1]
@@ -147,20 +150,22 @@ def ref_block_add(y, x, idx, val, regions, layer: int | None = None) -> jax.Arra
 def _decode_chunks(acc, region, idx, val, layer):
     """acc f32[T, dout] plus the block deltas of one-token pairs, `DECODE_CHUNK` pairs per
     iteration: their slots' tables gathered into [C, NB, b, b], one batched product, one
-    scatter-add of the C rows (a token with several adapters gets them in pair order).
+    scatter-add of the C rows (on CPU a token with several adapters gets them in pair order; a
+    GPU's scatter-add of duplicate rows is atomic, so there their order, and the last bit, is not
+    fixed).
     bfloat16 tables (uint16 bits) skip the gathered copy: the product is written as b
     multiply-adds over the block's input rows, so XLA fuses the gather and the widening of
     each value into it and reads every value once, at 2 bytes, `DECODE_CHUNK_BF16` pairs an
-    iteration (float32 values did not fuse that way: 0.4-0.55 ms, no better than the einsum).
+    iteration (float32 values did not fuse that way: no better than the einsum).
 
     Why chunks: a loop iteration per pair cost ~10 us of fixed work per pair and module on
     XLA:CPU (slices, a [1, NB, b] x [NB, b, b] product, a scatter into a fresh [nbo, b]); a whole
     bucket at once would gather every padding pair's table too (the decode capacity is
-    tokens x max_loras pairs). Measured on 2 cores, a [1024 x 3072] module, 32 decode pairs of 32
-    distinct rank-16-sized adapters (NB = 256), every layer's table read once per call: per-pair
-    loop 0.95-1.08 ms, chunks of 4/8/16 0.78/0.69/0.67 ms; with bfloat16 tables 0.75 vs 0.65 ms
-    (the einsum) vs 0.34-0.37 (16 pairs) and 0.26-0.28 ms (32 pairs) fused. On a quiet machine
-    the float32 chunks of 16 took 0.43-0.46 ms.
+    tokens x max_loras pairs). Measured on 2 quiet cores, a [1024 x 3072] module, 32 decode pairs
+    of 32 distinct rank-16-sized adapters (NB = 256), 28 layers' tables each read once per call
+    (layer static or traced): float32 tables, per-pair loop 0.45-0.81 ms, chunks of 16 0.41-0.59;
+    bfloat16 tables, loop 0.76-0.77 ms, chunks of 32 fused 0.21 ms (the einsum on chunks of 16
+    of them: 0.40-0.59 ms).
     """
     pairs, _, offset, xf = region
     n = pairs.start.shape[0]
@@ -170,7 +175,9 @@ def _decode_chunks(acc, region, idx, val, layer):
     din, b = xf.shape[1], val.shape[-1]
     nbi, nbo = din // b, dout // b
     bits = val.dtype == jnp.uint16
-    c = min(DECODE_CHUNK_BF16 if bits else DECODE_CHUNK, n)
+    # at least 2 lanes: XLA:CPU rounds a 1-lane chunk's product differently in the last bit, so a
+    # lone request (a 1-pair bucket) would not equal itself batched
+    c = max(2, min(DECODE_CHUNK_BF16 if bits else DECODE_CHUNK, n))
     pad = (-n) % c
     start, slot, weight = (jnp.pad(a, (0, pad)) for a in (pairs.start, pairs.slot, pairs.weight))
     count = jnp.minimum(pairs.count, n)

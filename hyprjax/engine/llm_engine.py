@@ -33,7 +33,7 @@ from ..sampling import SamplingParams, fresh_seed, seed_key
 from ..sharding import kv_shards, lora_table_sharding
 from .block_manager import BlockManager
 from .config import EngineConfig, draft_source
-from .memory import kv_pool_pages, page_bytes as kv_page_bytes, pool_device
+from .memory import kv_pool_pages, page_bytes as kv_page_bytes, pool_devices
 from .paged import resolve_kv_dtype
 from .runner import ModelRunner, RowRequest
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -137,7 +137,7 @@ class LLMEngine:
         dtype_bytes = jnp.dtype(ecfg.kv_cache_dtype).itemsize
         draft = load_draft(ecfg, tokenizer, cfg, dtype) if draft_source(ecfg.speculative) else None
         draft_page = 0 if draft is None else kv_page_bytes(draft.cfg, ecfg.page_size, dtype_bytes)
-        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, device=pool_device(mesh),
+        num_pages, page_bytes = kv_pool_pages(cfg, ecfg, dtype_bytes, device=pool_devices(mesh),
                                               kv_shards=kv_shards(cfg, mesh),
                                               extra_page_bytes=draft_page)
         self.max_model_len = min(self.max_model_len, num_pages * ecfg.page_size)  # one request must fit the pool

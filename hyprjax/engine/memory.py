@@ -99,24 +99,29 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int:
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
 
-def pool_device(mesh):
-    """The device whose free memory sizes an engine's KV pool: None (the first local device)
-    without a mesh, else the mesh's device with the least free memory. A data-parallel replica's
-    mesh is its own devices: measuring device 0 instead sized replica 1's pool from what replica
-    0 had left there (~9% of a GPU), replica 2's from ~1%."""
-    if mesh is None:
-        return None
-    devices = list(mesh.devices.flat)
-    if devices[0].platform == "cpu":  # one host memory: any device reads the same
+def pool_devices(mesh):
+    """The devices an engine's KV pool lives on: None (the first local device) without a mesh,
+    else the mesh's devices. A data-parallel replica's mesh is its own devices: measuring device
+    0 instead sized replica 1's pool from what replica 0 had left there (~9% of a GPU)."""
+    return None if mesh is None else list(mesh.devices.flat)
+
+
+def _tightest(devices):
+    """Of `devices`, this process's device with the least free memory (measured only when a
+    budget is a fraction: a device without memory stats fails the measurement; another
+    process's devices cannot be measured from here). CPU devices share one host memory."""
+    if devices[0].platform == "cpu":
         return devices[0]
-    return min(devices, key=free_memory_bytes)
+    local = [d for d in devices if getattr(d, "process_index", 0) == jax.process_index()] or devices[:1]
+    return local[0] if len(local) == 1 else min(local, key=free_memory_bytes)
 
 
 def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_shards: int = 1,
                   extra_page_bytes: int = 0) -> tuple[int, int]:
     """(num_pages, page_bytes) of the KV pool: `ecfg.num_pages` when set, else as many pages as
     fit `ecfg.kv_cache_memory` (bytes, or a fraction of `device`'s free memory now; None is the
-    platform default). ConfigError if the budget holds fewer than two pages.
+    platform default). `device` may be a list (`pool_devices`): a fraction is then of the free
+    memory of the fullest of them. ConfigError if the budget holds fewer than two pages.
 
     `kv_shards`: how many devices split each page (tensor parallelism over kv heads). On GPU/TPU
     the budget is per device, as vLLM's is, and a device holds 1/kv_shards of every page, so the
@@ -130,12 +135,14 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_s
     per_page = page_bytes(cfg, ecfg.page_size, dtype_bytes) + extra_page_bytes
     if ecfg.num_pages is not None:
         return ecfg.num_pages, per_page
-    device = device or jax.local_devices()[0]
+    devices = device if isinstance(device, (list, tuple)) else [device or jax.local_devices()[0]]
+    device = devices[0]
     shards = 1 if device.platform == "cpu" else max(1, kv_shards)
     budget = ecfg.kv_cache_memory
     if budget is None:
         budget = default_kv_memory(device.platform)
     if isinstance(budget, float):
+        device = _tightest(devices)
         free = free_memory_bytes(device)
         log.info("KV budget: %.2f of %.1f MiB free on %s = %.1f MiB", budget, free / 2**20, device.platform,
                  budget * free / 2**20)

@@ -180,7 +180,8 @@ def test_mixed_batch_of_kinds_equals_each_request_alone(world, engine):
 def test_bfloat16_slot_tables_hold_the_rounded_values_and_serve_mixed_batches(world):
     """adapter_dtype="bfloat16": on the XLA path the tables are uint16 bits (kernels/lora.py), half
     the bytes, holding exactly the float32 engine's slot values rounded to bf16 (the kernels give
-    float32 tables' results for those values: tests/kernels); a mixed batch equals each alone."""
+    float32 tables' results for those values, exactly but for block-sparse decode, to float32
+    rounding: tests/kernels); a mixed batch equals each alone."""
     names = list(world["adapters"])
     f32, bits = _registry(world, names), _registry(world, names, dtype=jnp.bfloat16, bits16=True)
     index_bytes = sum(t.nbytes for t in jax.tree.leaves(f32.sparse_tables) if t.dtype == jnp.int32)

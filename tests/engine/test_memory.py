@@ -229,19 +229,22 @@ def test_kv_cache_dtype_is_checked_and_reaches_the_cli(capsys):
     assert e.value.code == 2 and "int8" in capsys.readouterr().err
 
 
-def test_pool_device_is_the_mesh_device_with_least_free_memory():
+def test_pool_is_sized_from_the_meshs_fullest_device():
     """A replica's pool is sized from its own devices (data parallel: not from device 0, which an
-    earlier replica filled), the tightest one under tensor parallelism."""
+    earlier replica filled), the fullest one under tensor parallelism; devices are measured only
+    for a fractional budget (a device without memory stats is fine with pages or bytes given)."""
 
     class Mesh:
         def __init__(self, *devices):
             self.devices = np.array(devices, dtype=object)
 
     roomy, tight = (FakeDevice("gpu", dict(bytes_limit=n * 16384, bytes_in_use=0)) for n in (1000, 100))
-    assert memory.pool_device(None) is None
-    assert memory.pool_device(Mesh(roomy)) is roomy
-    assert memory.pool_device(Mesh(roomy, tight)) is tight
-    ecfg = EngineConfig(kv_cache_memory=0.5)
-    assert kv_pool_pages(TINY, ecfg, 4, device=memory.pool_device(Mesh(tight))) == (50 * 16384 // 16384, 16384)
-    cpu = FakeDevice("cpu")
-    assert memory.pool_device(Mesh(cpu, FakeDevice("cpu"))) is cpu
+    blind = FakeDevice("gpu", None)  # reports no memory stats
+    assert memory.pool_devices(None) is None
+    half = EngineConfig(kv_cache_memory=0.5)
+    assert kv_pool_pages(TINY, half, 4, device=memory.pool_devices(Mesh(roomy))) == (500, 16384)
+    assert kv_pool_pages(TINY, half, 4, device=memory.pool_devices(Mesh(roomy, tight))) == (50, 16384)
+    for ecfg in (EngineConfig(num_pages=7), EngineConfig(kv_cache_memory=10 * 16384)):
+        assert kv_pool_pages(TINY, ecfg, 4, device=memory.pool_devices(Mesh(blind, roomy)))[0] in (7, 10)
+    with pytest.raises(ConfigError, match="no memory limit"):
+        kv_pool_pages(TINY, half, 4, device=memory.pool_devices(Mesh(blind)))

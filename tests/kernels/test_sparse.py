@@ -315,3 +315,26 @@ def test_bf16_bit_tables_equal_float_tables_of_the_same_values(part, td):
     if part == "block":
         with pytest.raises(ValueError, match="uint16"):
             block_delta(x[td:], idx[1], bits[1], pf, block=bq, dout=dout, backend="pallas", interpret=True)
+
+
+@pytest.mark.parametrize("bits", [False, True])
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_block_decode_over_several_chunks(chunk, bits, monkeypatch):
+    """Decode pairs spread over several chunks (the cases above fit one): a last partial chunk,
+    a token's mix split between two chunks, padding pairs (NaN weights, bad slots) in the last
+    chunk, a traced layer index; float32 tables and bfloat16 bits against the naive form."""
+    monkeypatch.setattr(sparse, "DECODE_CHUNK", chunk)
+    monkeypatch.setattr(sparse, "DECODE_CHUNK_BF16", chunk)
+    (x, idx, val, pairs), (_, _, clean_val, _) = make_case(np.random.default_rng(7), tokens=12, block=1, slots=5,
+                                                           nb=6, b=16, dtype=jnp.float32, pad=3)
+    assert int(pairs.count) > 2 * chunk
+    if bits:
+        clean_val = jnp.nan_to_num(val.astype(jnp.bfloat16).astype(jnp.float32))
+        val = bf16_bits(val)
+    stack = lambda t: jnp.stack([t, t])  # noqa: E731  two layers, the second one read
+    y = jnp.asarray(np.random.default_rng(8).standard_normal((12, 128)), jnp.float32)
+    run = jax.jit(lambda y, x, i, v, layer: ref_block_add(y, x, i, v, ((pairs, 1, 0),), layer))  # fresh: traced anew
+    got = run(y, x, stack(idx), stack(val), jnp.int32(1))
+    want = y + naive_block_delta(jnp.nan_to_num(x), idx, clean_val, pairs, block=1, dout=128)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert np.isfinite(np.asarray(got)).all()
