@@ -32,8 +32,8 @@ multiplied by the library GEMM. For per-channel int8 on CPUs with AMX the tile i
 against x split into three bf16 terms (`bf16_gemm`): exact for int8 codes, float32 precision
 for x, 1.5-2.5x faster than the float32 tile there.
 
-On GPU/TPU `qdot` is `x @ dequantize(q).T` in x's dtype for XLA to fuse (and for GSPMD to partition under
-tensor parallelism); `HYPRJAX_QMATMUL=pallas` runs the Pallas kernel of kernels/qmatmul.py instead
+On GPU/TPU `qdot` is `x @ dequantize(q).T` in x's dtype for XLA to fuse (and for GSPMD to
+partition under tensor parallelism); `HYPRJAX_QMATMUL=pallas` runs the Pallas kernel of kernels/qmatmul.py instead
 (the codes dequantized tile by tile in registers/VMEM). The kernel passes its interpret-mode and
 lowering tests, but has not yet been timed on a GPU (bench/gpu_quant.py does that), so it is not
 the default.
@@ -140,9 +140,9 @@ def accelerator_qdot(x2, fmt: QFormat, q: dict):
     x2 keeps its dtype: a bfloat16 (or float16) x multiplies the matrix dequantized in float32
     and rounded once to x's dtype, as a float model of that dtype holds its weights, with float32
     accumulation, so the dot runs on the tensor cores/MXU and XLA can fuse the dequantize into it
-    (not yet seen on a device: bench/gpu_quant.py's HLO check lowers this function). Per-channel int8 codes are exact in
-    bfloat16, so there the codes go into the dot and the scale multiplies its output: the
-    weights are not rounded at all. A float32 x keeps float32 weights.
+    (not yet seen on a device: bench/gpu_quant.py's HLO check lowers this function). Per-channel
+    int8 codes are exact in bfloat16, so there the codes go into the dot and the scale multiplies
+    its output: the weights are not rounded at all. A float32 x keeps float32 weights.
 
     HYPRJAX_QMATMUL=pallas runs kernels/qmatmul.py instead, on one device only (the engine
     refuses it under tensor parallelism: a Pallas call cannot be partitioned by GSPMD); a shape

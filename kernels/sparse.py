@@ -192,8 +192,8 @@ def _decode_chunks(acc, region, idx, val, layer):
         ii = idx[sl] if layer is None else idx[layer, sl]
         xb = jnp.take_along_axis(xf[jnp.minimum(rows, t - 1)].reshape(c, nbi, b), (ii % nbi)[:, :, None], axis=1)
         if bits:  # [C, NB, b_out] as b fused multiply-adds, each gathering its row of every block
-            rows_i = (lambda i: val[sl, :, i, :]) if layer is None else (lambda i: val[layer, sl, :, i, :])
-            d = sum(xb[:, :, i, None] * widen(rows_i(i)) for i in range(b))
+            table = (lambda j: val[sl, :, j, :]) if layer is None else (lambda j: val[layer, sl, :, j, :])
+            d = sum(xb[:, :, j, None] * widen(table(j)) for j in range(b))
         else:
             v = widen(val[sl] if layer is None else val[layer, sl])
             d = jnp.einsum("pni,pnio->pno", xb, v, precision=_HI)

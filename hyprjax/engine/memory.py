@@ -106,14 +106,15 @@ def pool_devices(mesh):
     return None if mesh is None else list(mesh.devices.flat)
 
 
-def _tightest(devices):
-    """Of `devices`, this process's device with the least free memory (measured only when a
-    budget is a fraction: a device without memory stats fails the measurement; another
+def _fullest(devices) -> tuple[int, object]:
+    """(free bytes, device) of this process's device with the least free memory (measured only
+    when a budget is a fraction: a device without memory stats fails the measurement; another
     process's devices cannot be measured from here). CPU devices share one host memory."""
     if devices[0].platform == "cpu":
-        return devices[0]
+        devices = devices[:1]
     local = [d for d in devices if getattr(d, "process_index", 0) == jax.process_index()] or devices[:1]
-    return local[0] if len(local) == 1 else min(local, key=free_memory_bytes)
+    free, i = min((free_memory_bytes(d), i) for i, d in enumerate(local))
+    return free, local[i]
 
 
 def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_shards: int = 1,
@@ -142,8 +143,7 @@ def kv_pool_pages(cfg: ModelConfig, ecfg, dtype_bytes: int, *, device=None, kv_s
     if budget is None:
         budget = default_kv_memory(device.platform)
     if isinstance(budget, float):
-        device = _tightest(devices)
-        free = free_memory_bytes(device)
+        free, device = _fullest(devices)
         log.info("KV budget: %.2f of %.1f MiB free on %s = %.1f MiB", budget, free / 2**20, device.platform,
                  budget * free / 2**20)
         budget = int(budget * free)
